@@ -1,0 +1,28 @@
+# The two commands a new user needs: `make demo` and `make test`. See README.md.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: setup test bench demo stop clean
+
+# Idempotent: re-installs only when a requirements file changed since the last successful install.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+demo: setup
+	$(PY) jobs/generate.py --preset small --prompt "The Python standard library" --max-tokens 40 --num-samples 2 --seed 0
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,40 @@
+"""Connecting to Ray: the running cluster when there is one, else a local instance on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Connect once per process and return how: "existing", "cluster" or "local".
+
+    Order: an already initialised Ray (e.g. inside `ray job submit`, where RAY_ADDRESS is set and the job's working
+    directory is shipped to every worker); an explicit `address` or RAY_ADDRESS; a head started on this machine with
+    `ray start --head`; otherwise a fresh local instance that lives as long as this process.
+    address="local" always starts a fresh local instance (tests use it so they never touch a user's cluster).
+    """
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        return "cluster"
+    if address != "local":
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            return "cluster"
+        except ConnectionError:
+            pass
+    # Local workers run this same virtualenv, where `make setup` installed the project in editable mode; the
+    # PYTHONPATH covers a checkout that was not installed that way.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+    return "local"

@@ -1,0 +1,297 @@
+"""Checkpoint I/O: one directory format that is both this project's checkpoint and a Hugging Face GPT-2 model.
+
+Layout: `config.json` in the Hugging Face GPT-2 schema, with this project's extra fields under "gpt2_project",
+and `model.safetensors` with Hugging Face tensor names. Hugging Face stores the four projection weights as Conv1D,
+i.e. transposed relative to nn.Linear, so they are transposed on the way in and out.
+
+Nothing here unpickles arbitrary objects: safetensors, or torch.load(weights_only=True) for `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2.config import EOT_TOKEN, GPTConfig
+from gpt2.model import GPT
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+PROJECT_KEY = "gpt2_project"
+FORMAT_VERSION = 1
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded; the message names the file or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------------- config.json
+
+
+def hf_config_dict(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json content: the Hugging Face GPT-2 schema plus this project's fields."""
+    post_ln = config.norm == "post"
+    return {
+        # transformers has no Post-LN GPT-2; a distinct type makes it refuse such a model instead of running it wrong.
+        "architectures": ["GPT2PostLNLMHeadModel" if post_ln else "GPT2LMHeadModel"],
+        "model_type": "gpt2-post-ln" if post_ln else "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "dtype": str(dtype).removeprefix("torch."),
+        PROJECT_KEY: {
+            "format_version": FORMAT_VERSION,
+            "norm": config.norm,
+            "bias": config.bias,
+            "vocab_pad_multiple": config.vocab_pad_multiple,
+        },
+    }
+
+
+def config_from_hf_dict(d: dict, source: str = CONFIG_FILE) -> GPTConfig:
+    """GPTConfig from a config.json written by this project or by transformers."""
+    unsupported = {
+        "activation_function": (d.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (d.get("n_inner"), (None, 4 * d.get("n_embd", 0))),
+        "scale_attn_by_inverse_layer_idx": (d.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "reorder_and_upcast_attn": (d.get("reorder_and_upcast_attn", False), (False,)),
+        "scale_attn_weights": (d.get("scale_attn_weights", True), (True,)),
+    }
+    for field, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise CheckpointError(f"{source}: {field}={value!r} is not supported (expected one of {list(allowed)})")
+    missing = [k for k in ("n_embd", "n_layer", "n_head", "vocab_size") if k not in d]
+    if missing:
+        raise CheckpointError(f"{source}: missing GPT-2 config field(s) {missing}")
+    project = d.get(PROJECT_KEY, {})
+    if project.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{source}: written by a newer version of this project (format {project['format_version']})")
+    try:
+        return GPTConfig(
+            vocab_size=d["vocab_size"],
+            block_size=d.get("n_positions", d.get("n_ctx", 1024)),
+            n_layer=d["n_layer"],
+            n_head=d["n_head"],
+            n_embd=d["n_embd"],
+            dropout=d.get("resid_pdrop", 0.0),
+            bias=project.get("bias", True),
+            norm=project.get("norm", "pre"),
+            tie_embeddings=d.get("tie_word_embeddings", True),
+            vocab_pad_multiple=project.get("vocab_pad_multiple", 1),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+
+
+def _to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    config = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the same storage as wte; Hugging Face re-ties it on load
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: config.vocab_size]  # padding rows are an in-memory detail
+        out[name] = tensor.detach().contiguous().cpu()
+    if not config.bias:
+        # Hugging Face GPT-2 always has biases; zeros are the exact equivalent of none.
+        for name, tensor in list(out.items()):
+            if name.startswith("transformer.h.") or name.startswith("transformer.ln_f."):
+                bias_name = name.removesuffix(".weight") + ".bias"
+                if name.endswith(".weight") and bias_name not in out:
+                    width = tensor.shape[1] if name.endswith(CONV1D_SUFFIXES) else tensor.shape[0]
+                    out[bias_name] = torch.zeros(width, dtype=tensor.dtype)
+    return out
+
+
+def _from_hf_state_dict(sd: dict[str, torch.Tensor], model: GPT, source: str) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face-named state dict onto `model`'s names and shapes, checking every tensor."""
+    config = model.config
+    expected = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for name, tensor in sd.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old transformers stored the causal mask as a buffer
+        key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if key not in expected:
+            if not config.bias and key.endswith(".bias"):
+                if torch.count_nonzero(tensor):
+                    raise CheckpointError(f"{source}: {name} is non-zero but the config says bias=false")
+                continue
+            raise CheckpointError(f"{source}: unexpected tensor {name} {tuple(tensor.shape)} for this config")
+        mapped[key] = tensor
+    if config.tie_embeddings:
+        head = mapped.pop("lm_head.weight", None)
+        wte = mapped.get("transformer.wte.weight")
+        if head is not None and wte is not None and not torch.equal(head, wte):
+            raise CheckpointError(f"{source}: lm_head.weight differs from wte but the config ties them")
+    state = {}
+    for key, want in expected.items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if key not in mapped:
+            raise CheckpointError(f"{source}: tensor {key} is missing")
+        got = mapped[key]
+        if key in ("transformer.wte.weight", "lm_head.weight") and got.shape[0] == config.vocab_size:
+            padded = torch.zeros(want.shape, dtype=got.dtype)
+            padded[: config.vocab_size] = got
+            got = padded
+        if got.shape != want.shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(got.shape)}, the config needs {tuple(want.shape)}")
+        state[key] = got
+    return state
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    path = directory / WEIGHTS_FILE
+    if path.is_file():
+        try:
+            return load_file(str(path)), path
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e}); the file is corrupt or truncated") from e
+    path = directory / LEGACY_WEIGHTS_FILE
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as e:  # torch raises several types for a bad file; all mean the same to the user
+            raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    present = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE} (found {present})")
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+
+def read_config(directory: str | os.PathLike) -> GPTConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE})")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    return config_from_hf_dict(d, str(path))
+
+
+def load_directory(directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    directory = Path(directory)
+    config = read_config(directory)
+    sd, weights_path = _read_weights(directory)
+    model = GPT(config)
+    model.load_state_dict(_from_hf_state_dict(sd, model, str(weights_path)), strict=not config.tie_embeddings)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.to(device).eval()
+
+
+def resolve_hub_name(name: str) -> Path:
+    """A Hugging Face hub model ("gpt2", "openai-community/gpt2-medium", ...) from the local cache or the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is in requirements.txt
+        raise CheckpointError(f"{name!r} is not a directory and huggingface_hub is not installed") from e
+    repo_id = HUB_ALIASES.get(name, name)
+    patterns = [CONFIG_FILE, WEIGHTS_FILE]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise CheckpointError(
+            f"{name!r} is not a local directory, and the Hugging Face hub model {repo_id} is neither in the local cache"
+            f" nor downloadable here ({type(e).__name__}). On a machine with network run"
+            f" `huggingface-cli download {repo_id} {CONFIG_FILE} {WEIGHTS_FILE} --local-dir DIR`, copy DIR here"
+            " and pass its path."
+        ) from e
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:
+    path, name = Path(name_or_path), str(name_or_path)
+    if (path / CONFIG_FILE).is_file():
+        return load_directory(path, **kwargs)
+    hub_like = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "gpt2" or "org/model"
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the model directory that holds {CONFIG_FILE}")
+    if not hub_like:
+        if path.is_dir():
+            raise CheckpointError(f"{path}: not a model directory (no {CONFIG_FILE})")
+        raise CheckpointError(f"model directory {path} does not exist")
+    return load_directory(resolve_hub_name(name), **kwargs)
+
+
+def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Path], None] | None = None) -> None:
+    """Write `path` atomically: into a temporary sibling, then renamed into place.
+
+    `extra(tmp_dir)` may add more files (trainer state, a model card) before the rename, so they land together.
+    A crash at any point leaves either the previous complete directory or the new complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        dtype = model.transformer.wte.weight.dtype
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
+        save_file(_to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
+        _fsync_tree(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the complete directory `new` to `target`, replacing any previous `target`.
+
+    rename(2) cannot replace a non-empty directory, so the old one is first renamed aside and deleted only
+    after the new one is in place.
+    """
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

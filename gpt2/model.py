@@ -1,0 +1,205 @@
+"""The GPT-2 model: the whole architecture in one file.
+
+Parameter names follow the OpenAI / Hugging Face checkpoints (wte, wpe, h.N.attn.c_attn, ...), so loading their
+weights is a short mapping (see checkpoint.py). Shapes: B batch, T time, C n_embd, nh heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.config import GPTConfig
+from gpt2.kv_cache import KVCache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_init = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            k, v, mask = cache.update(layer, k, v)  # (B, nh, L, hs), mask (B, 1, T, L)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2: normalise each sub-layer's input, keep the residual stream un-normalised
+            x = x + self.attn(self.ln_1(x), cache, layer)
+            return x + self.mlp(self.ln_2(x))
+        # Post-LN (the original Transformer): normalise after each residual addition.
+        x = self.ln_1(x + self.attn(x, cache, layer))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 initialisation: N(0, 0.02), with the projections that write into the residual stream scaled by
+        # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth (two such writes per block).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_init", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """Logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets).
+
+        kv_cache: append these tokens after each row's cached ones (incremental decoding).
+        last_only: compute logits for the last position only (B, 1, V), as generation needs.
+        output_hidden_states: also return the residual stream after the embeddings and after every block,
+        a list of n_layer + 1 tensors (B, T, C), as Hugging Face does.
+        Targets equal to -100 are ignored by the loss.
+        """
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            pos = kv_cache.begin(T)  # (B, T): each row continues from its own length
+            if int(pos.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(pos.max())} is beyond the context of {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        hidden = [x] if output_hidden_states else None
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+            if hidden is not None:
+                hidden.append(x)
+        if kv_cache is not None:
+            kv_cache.end(T)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        # Padded vocabulary rows are cut off here, so they are never sampled and never enter the softmax.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+            )
+        if output_hidden_states:
+            return logits, loss, hidden
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache sized for this model, in the dtype and on the device of its weights."""
+        c = self.config
+        weight = self.transformer.wte.weight
+        return KVCache(
+            c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, dtype=weight.dtype, device=weight.device
+        )
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings, as the GPT-2 paper counts (124M).
+
+        Tied weights count once. The token embedding stays in because it is also the output layer.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token: 6 per parameter plus attention's 12·L·C·T (PaLM, app. B).
+
+        Forward alone is a third of this. Used for MFU = flops_per_token × tokens/s ÷ peak FLOP/s.
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> "GPT":
+        """Load this project's checkpoint directory, a Hugging Face GPT-2 directory, or a hub name such as "gpt2"."""
+        from gpt2.checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        """Write a directory that is both this project's checkpoint and a Hugging Face GPT-2 model (atomically)."""
+        from gpt2.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def generate(self, idx, max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """New token ids for each prompt row (KV-cached); see gpt2.generate.generate for the options."""
+        from gpt2.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    def generate_stream(self, idx, max_new_tokens: int, **kwargs):
+        """Yield tokens as they are produced; see gpt2.generate.stream."""
+        from gpt2.generate import stream
+
+        return stream(self, idx, max_new_tokens, **kwargs)

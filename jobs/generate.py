@@ -1,0 +1,93 @@
+"""Generate text from a GPT-2 model: any checkpoint of this project, a Hugging Face GPT-2 directory, or an MLflow
+model URI. Prompts come from --prompt, a file, or stdin (--prompts-file -)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from cluster.models import load_model
+from gpt2 import GPT, get_tokenizer, preset
+from gpt2.device import describe, parse_dtype, pick_device
+from gpt2.generate import SamplingParams
+from gpt2.tokenizer import IncrementalDecoder
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint dir, Hugging Face dir or name (gpt2), or MLflow URI (models:/NAME/1)")
+    src.add_argument("--preset", help="a freshly initialised model of this preset (tiny, small, gpt2, ...)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompts-file", help="one prompt per line; '-' reads stdin")
+    p.add_argument("--max-tokens", type=int, default=100, help="new tokens per sample (default 100)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.9, help="0 is greedy (default 0.9)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (default: fast on the device)")
+    args = p.parse_args(argv)
+    if args.prompts_file:
+        stream = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
+        with stream:
+            args.prompt += [line.rstrip("\n") for line in stream if line.strip()]
+    if not args.prompt:
+        p.error("no prompt: give --prompt TEXT or --prompts-file FILE")
+    if args.num_samples < 1 or args.max_tokens < 1:
+        p.error("--num-samples and --max-tokens must be at least 1")
+    try:
+        SamplingParams(args.temperature, args.top_k or None, args.top_p)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if args.model:
+        model = load_model(args.model, device=device, dtype=dtype)
+    else:
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        model = GPT(preset(args.preset)).to(device=device, dtype=dtype).eval()
+    print(f"# {args.model or 'random ' + args.preset} on {describe(device, dtype)}", file=sys.stderr)
+    enc = get_tokenizer()
+    for prompt in args.prompt:
+        rows = [enc.encode_ordinary(prompt)] * args.num_samples
+        options = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
+        try:
+            start, produced = time.perf_counter(), 0
+            if args.stream:
+                for i in range(args.num_samples):  # one sample at a time so the text reads naturally
+                    decoder = IncrementalDecoder(enc)
+                    print(f"--- sample {i + 1}\n{prompt}", end="", flush=True)
+                    one = dict(options, seed=None if args.seed is None else args.seed + i)
+                    for (token,) in model.generate_stream([rows[i]], args.max_tokens, **one):
+                        print(decoder.push(token), end="", flush=True)
+                        produced += 1
+                    print(decoder.flush())
+            else:
+                samples = [[] for _ in rows]
+                for tokens in model.generate_stream(rows, args.max_tokens, **options):
+                    for sample, t in zip(samples, tokens):
+                        if t is not None:
+                            sample.append(t)
+                            produced += 1
+                for i, sample in enumerate(samples):
+                    print(f"--- sample {i + 1}\n{prompt}{enc.decode(sample)}")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        elapsed = time.perf_counter() - start
+        print(f"# {produced} tokens in {elapsed:.2f}s ({produced / elapsed:.1f} tokens/s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

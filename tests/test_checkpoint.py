@@ -1,0 +1,118 @@
+import json
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2 import GPT, preset
+from gpt2.checkpoint import CheckpointError, save_pretrained
+
+
+def _hf_model(**kw) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _logits(model, idx):
+    with torch.no_grad():
+        out = model(idx)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def test_load_transformers_directory(tmp_path):
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50257, (2, 20))
+    assert torch.allclose(_logits(ours, idx), _logits(hf, idx), atol=1e-4)
+
+
+def test_load_pytorch_model_bin(tmp_path):
+    hf = _hf_model()
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50257, (1, 12))
+    assert torch.allclose(_logits(ours, idx), _logits(hf, idx), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vocab_pad_multiple": 64}, {"bias": False}, {"tie_embeddings": False}])
+def test_save_loads_in_transformers_with_same_logits(tmp_path, overrides):
+    torch.manual_seed(1)
+    ours = GPT(preset("tiny", **overrides)).eval()
+    ours.save_pretrained(str(tmp_path / "ckpt"))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    assert torch.allclose(_logits(ours, idx), _logits(hf, idx), atol=1e-4)
+    back = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    assert back.config == ours.config
+    assert torch.equal(_logits(back, idx), _logits(ours, idx))
+
+
+def test_post_ln_round_trip_and_marked_for_transformers(tmp_path):
+    torch.manual_seed(2)
+    ours = GPT(preset("tiny", norm="post", vocab_pad_multiple=64)).eval()
+    ours.save_pretrained(str(tmp_path / "post"))
+    cfg = json.loads((tmp_path / "post" / "config.json").read_text())
+    assert cfg["model_type"] != "gpt2"  # transformers has no Post-LN GPT-2: it must not run it as Pre-LN
+    back = GPT.from_pretrained(str(tmp_path / "post"))
+    idx = torch.randint(0, 50257, (1, 10))
+    assert back.config.norm == "post"
+    assert torch.equal(_logits(back, idx), _logits(ours, idx))
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, tiny_model):
+    target = tmp_path / "ckpt"
+    tiny_model.save_pretrained(str(target))
+    before = (target / "model.safetensors").read_bytes()
+
+    def crash(_tmp):
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    other = GPT(preset("tiny", n_layer=1))
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(other, target, extra=crash)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert GPT.from_pretrained(str(target)).config.n_layer == 2
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp directory left behind
+
+
+def test_extra_files_land_with_the_checkpoint(tmp_path, tiny_model):
+    tiny_model.save_pretrained(str(tmp_path / "c"), extra=lambda d: (d / "trainer_state.pt").write_bytes(b"x"))
+    assert (tmp_path / "c" / "trainer_state.pt").read_bytes() == b"x"
+
+
+def test_corrupt_and_missing_files_give_clear_errors(tmp_path, tiny_model):
+    d = tmp_path / "ckpt"
+    tiny_model.save_pretrained(str(d))
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        GPT.from_pretrained(str(d))
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        GPT.from_pretrained(str(d))
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        GPT.from_pretrained(str(d))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nowhere" / "deeper"))
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, tiny_model):
+    d = tmp_path / "ckpt"
+    tiny_model.save_pretrained(str(d))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_positions"] = 64  # the weights have 128 positions
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="transformer.wpe.weight"):
+        GPT.from_pretrained(str(d))
+
+
+def test_hub_name_without_network_or_cache_explains_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="huggingface-cli download openai-community/gpt2"):
+        GPT.from_pretrained("gpt2")

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from gpt2 import GPT, GPTConfig, preset
+
+
+def test_presets_and_param_counts():
+    # The paper-style count (no position embeddings, tied head counted once) for the 124M model.
+    with torch.device("meta"):
+        m = GPT(preset("gpt2"))
+    assert m.num_params() == 124_439_808 - 1024 * 768
+    assert m.num_params(non_embedding=False) == 124_439_808
+    with torch.device("meta"):
+        assert 350e6 < GPT(preset("gpt2-medium")).num_params(non_embedding=False) < 360e6
+
+
+def test_forward_shapes_loss_and_hidden_states(tiny_model):
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, loss = tiny_model(idx)
+    assert logits.shape == (2, 16, 50257) and loss is None
+    targets = torch.randint(0, 50257, (2, 16))
+    logits, loss, hidden = tiny_model(idx, targets, output_hidden_states=True)
+    assert len(hidden) == tiny_model.config.n_layer + 1
+    assert all(h.shape == (2, 16, 64) for h in hidden)
+    # Near-uniform predictions at init: loss close to ln(50257) ≈ 10.8.
+    assert abs(loss.item() - 10.825) < 0.3
+
+
+def test_padded_vocab_is_never_predicted():
+    torch.manual_seed(0)
+    m = GPT(preset("tiny", vocab_pad_multiple=64)).eval()
+    assert m.transformer.wte.weight.shape[0] == 50304
+    logits, _ = m(torch.randint(0, 50257, (1, 8)))
+    assert logits.shape[-1] == 50257
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    m = GPT(preset("small"))
+    std_proj = m.transformer.h[0].attn.c_proj.weight.std().item()
+    std_fc = m.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.001
+    assert abs(std_proj - 0.02 / (2 * 6) ** 0.5) < 0.001
+
+
+def test_post_ln_differs_and_trains():
+    torch.manual_seed(0)
+    m = GPT(preset("tiny", norm="post"))
+    idx = torch.randint(0, 50257, (2, 16))
+    _, loss = m(idx, idx)
+    loss.backward()
+    assert m.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_flops_per_token_matches_formula():
+    c = preset("gpt2")
+    with torch.device("meta"):
+        m = GPT(c)
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("field,value", [("norm", "middle"), ("n_embd", 65), ("dropout", 1.5)])
+def test_bad_config_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        preset("tiny", **{field: value})
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 3})
+
+
+def test_sequence_longer_than_context_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="longer than the context"):
+        tiny_model(torch.zeros(1, 129, dtype=torch.long))
