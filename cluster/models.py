@@ -19,8 +19,10 @@ def local_model_dir(source: str) -> str:
         return source
     import mlflow
 
+    from cluster.mlflow_model import checkpoint_dir_of
+
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=source)
+        return str(checkpoint_dir_of(mlflow.artifacts.download_artifacts(artifact_uri=source)))
     except Exception as e:  # MLflow raises several types; the user needs the URI and the reason
         raise ValueError(f"cannot fetch model {source} from MLflow at {mlflow.get_tracking_uri()}: {e}") from e
 

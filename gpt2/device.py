@@ -70,3 +70,35 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     else:
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return f"device {device} ({where}), dtype {str(dtype).removeprefix('torch.')}"
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU.
+GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(device_type: str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The device's peak matmul FLOP/s: the data-sheet figure for known GPUs, otherwise measured here with a
+    large matmul in `dtype` on the current thread count (an achievable peak, so MFU on CPU is honest)."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops
+    return measure_matmul_flops(device_type, dtype)
+
+
+def measure_matmul_flops(device_type: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    import time
+
+    a = torch.randn(n, n, device=device_type, dtype=dtype)
+    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -1,0 +1,218 @@
+"""Pretraining on Ray Train: the per-worker loop and the driver that starts it.
+
+The worker loop reads like a plain PyTorch loop around `gpt2.train.train_step`; the Ray-specific calls are
+`get_context`, `get_checkpoint`, `prepare_model` and `report`. Checkpoints are this project's model directory
+(config.json + model.safetensors, loadable by transformers) plus `trainer_state.pt` (step, optimizer, best val loss)
+written by rank 0 and `worker_state_rank{r}.pt` (loader position, RNG) written by every rank; Ray merges the
+workers' files into one checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.config import build, flatten, to_dict
+from cluster.pretrain_config import PretrainConfig
+from cluster.tracking import RunLogger
+from gpt2 import GPT, get_tokenizer
+from gpt2.data import ShardedTokenLoader
+from gpt2.device import cpu_has_fast_bf16, peak_flops
+from gpt2.train import (
+    autocast_context,
+    autocast_dtype,
+    evaluate_loss,
+    make_optimizer,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    train_step,
+)
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _worker_state_file(rank: int) -> str:
+    return f"worker_state_rank{rank}.pt"
+
+
+def _restore(directory: Path, model: GPT, optimizer, loader: ShardedTokenLoader, rank: int) -> dict:
+    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    model.load_state_dict(GPT.from_pretrained(str(directory)).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    worker = torch.load(directory / _worker_state_file(rank), map_location="cpu", weights_only=True)
+    loader.load_state_dict(worker["loader"])
+    set_rng_state(worker["rng"])
+    return state
+
+
+def _save_checkpoint(model: GPT, optimizer, loader: ShardedTokenLoader, rank: int, trainer_state: dict, tmp: Path) -> Path:
+    ckpt = tmp / "checkpoint"
+    worker_state = {"loader": loader.state_dict(), "rng": rng_state()}
+    if rank == 0:
+        def extra(d: Path) -> None:
+            torch.save({**trainer_state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
+            torch.save(worker_state, d / _worker_state_file(rank))
+
+        model.save_pretrained(str(ckpt), extra=extra)
+    else:
+        ckpt.mkdir()
+        torch.save(worker_state, ckpt / _worker_state_file(rank))
+    return ckpt
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and (step + 1) % every == 0)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = build(PretrainConfig, config["pretrain"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray sets OMP_NUM_THREADS from the worker's CPUs (1 when fractional); torch needs its own setting.
+    torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    run_dir = Path(cfg.run_dir())
+
+    seed_everything(cfg.train.seed)
+    model = GPT(cfg.model.build()).to(device)
+    optimizer = make_optimizer(model, cfg.train, device.type)
+    accum = cfg.train.grad_accum_steps(world)
+    B, T = cfg.train.micro_batch, cfg.train.seq_len
+    loader = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="train", seed=cfg.train.seed)
+
+    state = {"step": 0, "best_val_loss": float("inf")}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = _restore(Path(d), model, optimizer, loader, rank)
+    trained = ray.train.torch.prepare_model(model) if world > 1 else model
+    if cfg.train.compile:
+        trained = torch.compile(trained)
+    amp_dtype = autocast_dtype(cfg.train.autocast, device.type, device.type == "cuda" or cpu_has_fast_bf16())
+    autocast = autocast_context(amp_dtype, device.type)
+    peak = peak_flops(device.type, amp_dtype or torch.float32) * world
+    flops_per_token = model.flops_per_token(T)
+
+    logger = None
+    if rank == 0:
+        logger = RunLogger(
+            run_dir, experiment=cfg.run.experiment, run_name=cfg.run.name, uri=config.get("tracking_uri"),
+            params=flatten(config["pretrain"]), tags=config.get("tags", {}),
+        )
+        logger.set_tags({"resumed_from_step": str(state["step"])} if state["step"] else {})
+    batches = iter(loader)
+    for step in range(state["step"], cfg.train.max_steps):
+        last = step == cfg.train.max_steps - 1
+        stats = train_step(trained, optimizer, batches, step, cfg.train, accum, device=device, autocast=autocast)
+        metrics = {
+            "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "step_time": stats.seconds,
+            "tokens_per_s": stats.tokens / stats.seconds,
+            "mfu": flops_per_token * stats.tokens / stats.seconds / peak,
+            "data_share": stats.data_seconds / stats.seconds,
+        }
+        if _due(step, cfg.eval.val_every, last):
+            val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
+            metrics["val_loss"] = evaluate_loss(model, iter(val), cfg.eval.val_batches, device=device, autocast=autocast)
+        if logger:
+            logger.log_metrics(metrics, step)
+            if _due(step, cfg.eval.sample_every, last):
+                logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
+            if metrics.get("val_loss", float("inf")) < state["best_val_loss"]:
+                state["best_val_loss"] = metrics["val_loss"]
+                model.save_pretrained(str(run_dir / "best"))
+        state["best_val_loss"] = _broadcast(state["best_val_loss"], device)
+        state["step"] = step + 1
+        if _due(step, cfg.checkpoint.every, last):
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = _save_checkpoint(model, optimizer, loader, rank, dict(state), Path(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)))
+        else:
+            ray.train.report(metrics)
+    if logger:
+        _finish(model, cfg, logger, run_dir)
+
+
+def _broadcast(value: float, device: torch.device) -> float:
+    """Rank 0's value on every rank (only rank 0 tracks the best validation loss)."""
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    torch.distributed.broadcast(t, src=0)
+    return t.item()
+
+
+def _samples(model: GPT, cfg: PretrainConfig) -> str:
+    enc = get_tokenizer()
+    prompts = [enc.encode_ordinary(p) for p in cfg.eval.sample_prompts]
+    tokens = cfg.eval.sample_tokens
+    outs = model.generate(prompts, min(tokens, model.config.block_size - max(map(len, prompts))), top_k=50, seed=42)
+    return "\n\n".join(f"{p}{enc.decode(o)}" for p, o in zip(cfg.eval.sample_prompts, outs)) + "\n"
+
+
+def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path) -> None:
+    """Rank 0 after the last step: the final model directory, the loss plot, the registered MLflow model."""
+    from cluster.plots import plot_training_curves
+
+    final = run_dir / "final"
+    model.save_pretrained(str(final))
+    png = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=cfg.run.name)
+    logger.log_artifact(png)
+    logger.log_artifact(run_dir / "metrics.jsonl")
+    logger.log_model(final, registered_name=cfg.run.name)
+    logger.close()
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def make_trainer(cfg: PretrainConfig, tracking_uri: str | None = None) -> TorchTrainer:
+    run_dir = Path(cfg.run_dir()).resolve()
+    cfg_dict = to_dict(cfg)
+    cfg_dict["run"]["root"] = str(Path(cfg.run.root).resolve())
+    cfg_dict["data"]["shards"] = str(Path(cfg.data.shards).resolve())
+    tags = {
+        "git_commit": _git_commit(),
+        "ray_job_id": ray.get_runtime_context().get_job_id(),
+        "run_name": cfg.run.name,
+        "hardware": f"{cfg.scaling.num_workers}x {'GPU' if cfg.scaling.use_gpu else 'CPU'} ({platform.machine()})",
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pretrain": cfg_dict, "tracking_uri": tracking_uri, "tags": tags},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir),  # the same run name again finds these checkpoints and resumes
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+
+
+def run_pretraining(cfg: PretrainConfig, tracking_uri: str | None = None) -> ray.train.Result:
+    cfg.validate()
+    os.makedirs(cfg.run_dir(), exist_ok=True)
+    return make_trainer(cfg, tracking_uri).fit()

@@ -1,0 +1,437 @@
+"""Token shards in the llm.c format, and the loader that feeds them to training.
+
+A shard is a header of 256 little-endian int32 — ``[20240520 (magic), 1 (version), n_tokens, 0, ...]`` — followed by
+``n_tokens`` little-endian uint16 token ids, each document preceded by the end-of-text token. llm.c and modded-nanogpt
+read these files unchanged. Pure numpy/torch: the Ray pipeline that produces shards lives in ``cluster/``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2.config import EOT_TOKEN
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INT32S = 256
+HEADER_BYTES = HEADER_INT32S * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("val", "train")
+# Targets with this value carry no loss: it is F.cross_entropy's default ignore_index, which GPT.forward uses.
+IGNORE_INDEX = -100
+PARTIAL_SUFFIX = ".partial"  # a shard being written; renamed to its final name only once complete
+
+
+class ShardFormatError(ValueError):
+    """A file that is not a well-formed llm.c token shard."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in manifest.json (`file` is relative to the manifest's directory)."""
+
+    file: str
+    split: str
+    tokens: int
+    sha256: str
+
+
+def shard_file_name(name: str, split: str, index: int) -> str:
+    """`{name}_{split}_{index:06d}.bin`, the naming llm.c's data scripts use."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return f"{name}_{split}_{index:06d}.bin"
+
+
+def shard_header(n_tokens: int) -> bytes:
+    if not 0 <= n_tokens <= np.iinfo(np.int32).max:
+        raise ValueError(f"a shard holds at most {np.iinfo(np.int32).max} tokens (int32 header), got {n_tokens}")
+    header = np.zeros(HEADER_INT32S, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, n_tokens)
+    return header.tobytes()
+
+
+def read_shard_header(path: str | os.PathLike) -> int:
+    """The token count of a shard, after checking its magic, version and that the file size matches the header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardFormatError(f"{path}: {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    magic, version, n_tokens = np.frombuffer(raw, dtype="<i4", count=3).tolist()
+    if magic != SHARD_MAGIC:
+        raise ShardFormatError(f"{path}: magic number {magic}, expected {SHARD_MAGIC}: not an llm.c token shard")
+    if version != SHARD_VERSION:
+        raise ShardFormatError(f"{path}: shard version {version}, expected {SHARD_VERSION} (uint16 tokens)")
+    expected_size = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
+    actual_size = path.stat().st_size
+    if actual_size != expected_size:
+        raise ShardFormatError(
+            f"{path}: header says {n_tokens} tokens ({expected_size} bytes) but the file has {actual_size} bytes"
+            " (truncated or corrupt)"
+        )
+    return n_tokens
+
+
+def open_shard(path: str | os.PathLike) -> np.ndarray:
+    """The tokens of a validated shard as a read-only memory map (nothing is read into memory up front)."""
+    n_tokens = read_shard_header(path)
+    if n_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _as_token_array(tokens: np.ndarray) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.dtype == TOKEN_DTYPE:
+        return tokens
+    if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN_ID):
+        raise ValueError(f"token ids must fit uint16 (0..{MAX_TOKEN_ID}); got range {tokens.min()}..{tokens.max()}")
+    return tokens.astype(TOKEN_DTYPE)
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, split: str = "train") -> ShardInfo:
+    """Write one whole shard (temp name, then rename, so a crash never leaves a complete-looking partial file)."""
+    path = Path(path)
+    tokens = _as_token_array(tokens)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(partial, "wb") as f:
+        f.write(shard_header(len(tokens)))
+        f.write(tokens.tobytes())
+    sha = file_sha256(partial)
+    os.replace(partial, path)
+    return ShardInfo(file=path.name, split=split, tokens=len(tokens), sha256=sha)
+
+
+class ShardWriter:
+    """Streams a tokenized document stream into shards without holding more than one batch in memory.
+
+    The first shard is the validation shard: it takes whole documents until it holds at least `val_tokens`, so no
+    document is split between validation and training. Train shards then hold exactly `shard_tokens` each (the last
+    one fewer); as in llm.c, a document may continue from one train shard into the next.
+    Each shard is written under a temporary name and renamed once complete; `close()` returns what was written.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, *, shard_tokens: int, val_tokens: int) -> None:
+        if shard_tokens <= 0 or val_tokens <= 0:
+            raise ValueError(f"shard_tokens and val_tokens must be positive, got {shard_tokens} and {val_tokens}")
+        if max(shard_tokens, val_tokens) > np.iinfo(np.int32).max:
+            raise ValueError("shard_tokens and val_tokens must fit the int32 shard header")
+        self.directory = Path(directory)
+        self.name = name
+        self.shard_tokens = shard_tokens
+        self.val_tokens = val_tokens
+        self.shards: list[ShardInfo] = []
+        self.documents = 0
+        self.tokens = 0
+        self._split = "val"
+        self._train_index = 0
+        self._file = None
+        self._file_path: Path | None = None
+        self._file_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Append documents given as one concatenated array (each document starting with EOT) and their lengths."""
+        tokens = _as_token_array(tokens)
+        doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+        if doc_lengths.sum() != len(tokens):
+            raise ValueError(f"document lengths sum to {doc_lengths.sum()} but {len(tokens)} tokens were given")
+        if len(doc_lengths) == 0:
+            return
+        starts = np.concatenate(([0], np.cumsum(doc_lengths)[:-1]))
+        if (doc_lengths <= 0).any() or (tokens[starts] != EOT_TOKEN).any():
+            raise ValueError(f"every document must be non-empty and start with the end-of-text token {EOT_TOKEN}")
+        self.documents += len(doc_lengths)
+        self.tokens += len(tokens)
+        if self._split == "val":
+            needed = self.val_tokens - self._file_tokens
+            ends = np.cumsum(doc_lengths)
+            last_val_doc = int(np.searchsorted(ends, needed))  # first document whose end reaches val_tokens
+            if last_val_doc >= len(ends):
+                self._write(tokens)
+                return
+            cut = int(ends[last_val_doc])
+            self._write(tokens[:cut])
+            self._finish_file()
+            self._split = "train"
+            tokens = tokens[cut:]
+        while len(tokens):
+            take = min(len(tokens), self.shard_tokens - self._file_tokens)
+            self._write(tokens[:take])
+            tokens = tokens[take:]
+            if self._file_tokens == self.shard_tokens:
+                self._finish_file()
+
+    def close(self) -> list[ShardInfo]:
+        """Complete the last shard; the stream must have reached the train split."""
+        if self._file is not None:
+            self._finish_file()
+        if not any(s.split == "train" for s in self.shards):
+            raise ValueError(
+                f"the whole corpus ({self.tokens} tokens in {self.documents} documents) fits in the validation shard"
+                f" (val_tokens={self.val_tokens}), leaving nothing to train on: lower val_tokens"
+            )
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Remove the shard being written; completed shards stay (they are whole and valid)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _write(self, tokens: np.ndarray) -> None:
+        if not len(tokens):
+            return
+        if self._file is None:
+            index = 0 if self._split == "val" else self._train_index
+            self._file_path = self.directory / shard_file_name(self.name, self._split, index)
+            self._file = open(self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX), "wb")
+            self._file.write(shard_header(0))  # rewritten with the real count once the shard is complete
+            self._file_tokens = 0
+        self._file.write(tokens.tobytes())
+        self._file_tokens += len(tokens)
+
+    def _finish_file(self) -> None:
+        partial = self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX)
+        self._file.seek(0)
+        self._file.write(shard_header(self._file_tokens))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        sha = file_sha256(partial)
+        os.replace(partial, self._file_path)
+        self.shards.append(ShardInfo(self._file_path.name, self._split, self._file_tokens, sha))
+        if self._split == "train":
+            self._train_index += 1
+        self._file_tokens = 0
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["shards"] = [ShardInfo(**s) for s in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardFormatError(f"{path}: not a readable shard manifest ({e})") from e
+    return manifest
+
+
+def find_damaged_shards(directory: str | os.PathLike, shards: list[ShardInfo]) -> list[str]:
+    """Describe every listed shard that is missing or whose bytes differ from its recorded size/sha256."""
+    problems = []
+    for shard in shards:
+        path = Path(directory) / shard.file
+        try:
+            n_tokens = read_shard_header(path)
+        except (OSError, ShardFormatError) as e:
+            problems.append(str(e))
+            continue
+        if n_tokens != shard.tokens:
+            problems.append(f"{path}: {n_tokens} tokens, manifest says {shard.tokens}")
+        elif file_sha256(path) != shard.sha256:
+            problems.append(f"{path}: sha256 differs from the manifest")
+    return problems
+
+
+def _is_remote(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def resolve_shard_paths(pattern_or_manifest: str | os.PathLike, split: str) -> list[Path]:
+    """Shard files of one split, in stream order, from a manifest.json, a directory holding one, or a glob pattern.
+
+    With a glob pattern the split is picked by the file name (`_val_` / `_train_`, as llm.c names its shards).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    location = str(pattern_or_manifest)
+    if _is_remote(location):
+        raise ValueError(
+            f"{location}: the loader reads local files only (it memory-maps them). Copy the shards to local disk"
+            " first, e.g. with cluster.data_pipeline.copy_shards_to_local(uri, local_dir), then pass the local path"
+        )
+    location = location.removeprefix("file://")
+    path = Path(location)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent} has no {MANIFEST_NAME}; pass a manifest or a glob pattern instead")
+    if path.is_file() and path.suffix == ".json":
+        files = [path.parent / s.file for s in read_manifest(path)["shards"] if s.split == split]
+        if not files:
+            raise FileNotFoundError(f"{path} lists no {split} shards")
+        return files
+    split_in_name = re.compile(rf"_{split}(_\d+)?\.bin$")
+    files = [Path(p) for p in sorted(glob.glob(location)) if split_in_name.search(Path(p).name)]
+    if not files:
+        raise FileNotFoundError(f"no {split} shards (names containing _{split}_) match {location!r}")
+    return files
+
+
+class ShardedTokenLoader:
+    """(x, y) int64 batches of shape (B, T) from memory-mapped shards, for one rank of `world_size`.
+
+    Train split: an endless stream of epochs. Each shard is cut into windows of T+1 tokens starting every T tokens;
+    every epoch visits the shards in a fresh order and each shard's windows in a fresh order, both drawn from `seed`
+    and the epoch number, so the source's ordering (e.g. FineWeb's crawl order) does not show up as periodic loss.
+    Step k of an epoch uses windows [k·B·W, (k+1)·B·W) of that order, rank r the B windows at offset r·B, so ranks are
+    disjoint and together cover every window but the last < B·W of the epoch (dropped so all ranks step together).
+    `state_dict()` is the epoch and the number of windows consumed; loading it resumes at exactly that batch.
+
+    Val split: iterating yields one deterministic pass in file order that predicts every token once: windows start
+    every T tokens, and a shard's last, shorter remainder comes as a window ending at the shard's end whose already
+    covered targets are IGNORE_INDEX. Rank r takes windows r, r+W, ...; the last batch may have fewer than B rows,
+    so sum losses over tokens across ranks rather than averaging per-batch means.
+    """
+
+    def __init__(
+        self,
+        pattern_or_manifest: str | os.PathLike,
+        B: int,
+        T: int,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        seed: int = 0,
+    ) -> None:
+        if B <= 0 or T <= 0:
+            raise ValueError(f"B and T must be positive, got B={B}, T={T}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.B, self.T, self.rank, self.world_size, self.split, self.seed = B, T, rank, world_size, split, seed
+        self.paths = resolve_shard_paths(pattern_or_manifest, split)
+        self._shards = [open_shard(p) for p in self.paths]
+        self.num_tokens = sum(len(s) for s in self._shards)
+        # A window needs T+1 tokens (inputs plus the shifted targets); windows start every T tokens.
+        self._windows_per_shard = np.array([max(len(s) - 1, 0) // T for s in self._shards], dtype=np.int64)
+        self.windows_per_epoch = int(self._windows_per_shard.sum())
+        if split == "train":
+            self.steps_per_epoch = self.windows_per_epoch // (B * world_size)
+            if self.steps_per_epoch == 0:
+                raise ValueError(
+                    f"{self.num_tokens} train tokens in {len(self.paths)} shard(s) hold {self.windows_per_epoch} windows"
+                    f" of T+1={T + 1} tokens, fewer than one step needs (B×world_size = {B * world_size})"
+                )
+        elif any(len(s) < T + 1 for s in self._shards):
+            short = next(p for p, s in zip(self.paths, self._shards) if len(s) < T + 1)
+            raise ValueError(f"{short}: a validation shard needs at least T+1={T + 1} tokens")
+        self.epoch = 0
+        self.position = 0  # windows of this epoch consumed by all ranks together
+        # Shard order and window permutations of the epoch in use. The seed sequences [seed, epoch, 1] and
+        # [seed, epoch, 2, shard] never coincide (numpy treats trailing zeros as absent, so tags go in the middle).
+        self._order: tuple[int, np.ndarray, np.ndarray] = (-1, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch of this rank; moves to the next epoch when the current one is used up."""
+        if self.split != "train":
+            raise RuntimeError("next_batch() is for the train split; iterate a val loader for one full pass")
+        step_windows = self.B * self.world_size
+        if self.position + step_windows > self.windows_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        first = self.position + self.rank * self.B
+        starts = [self._window_start(self.epoch, i) for i in range(first, first + self.B)]
+        self.position += step_windows
+        return self._batch(starts, masked=[0] * self.B)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.split == "train":
+            while True:
+                yield self.next_batch()
+        windows = self._val_windows()[self.rank :: self.world_size]
+        for i in range(0, len(windows), self.B):
+            chunk = windows[i : i + self.B]
+            yield self._batch([(s, o) for s, o, _ in chunk], masked=[m for _, _, m in chunk])
+
+    def state_dict(self) -> dict:
+        if self.split != "train":
+            raise RuntimeError("only the train loader has a position to save; validation always makes one full pass")
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "T": self.T,
+            "shards": [[p.name, len(s)] for p, s in zip(self.paths, self._shards)],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position. The shards, T and seed must match the saved run: they define the order.
+        B and world_size may differ (the position counts windows of all ranks); the same ones resume exactly."""
+        mine = self.state_dict()
+        theirs = {**state, "shards": [list(s) for s in state["shards"]]}
+        for key in ("seed", "T", "shards"):
+            if theirs[key] != mine[key]:
+                raise ValueError(f"loader state was saved with a different {key!r}; the batch order would not match")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _window_start(self, epoch: int, index: int) -> tuple[int, int]:
+        """(shard, token offset) of window `index` in the epoch's order."""
+        if self._order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self._shards))
+            self._order = (epoch, order, np.cumsum(self._windows_per_shard[order]))
+        _, order, ends = self._order
+        slot = int(np.searchsorted(ends, index, side="right"))
+        shard = int(order[slot])
+        within = index - (int(ends[slot - 1]) if slot else 0)
+        return shard, int(self._permutation(epoch, shard)[within]) * self.T
+
+    def _permutation(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._permutations:
+            if len(self._permutations) >= 2:  # the current shard and the next suffice for a batch across a boundary
+                self._permutations.pop(next(iter(self._permutations)))
+            rng = np.random.default_rng([self.seed, epoch, 2, shard])
+            self._permutations[key] = rng.permutation(int(self._windows_per_shard[shard]))
+        return self._permutations[key]
+
+    def _val_windows(self) -> list[tuple[int, int, int]]:
+        """(shard, token offset, targets to ignore) for a pass that predicts every token of every val shard once."""
+        windows = []
+        for shard, tokens in enumerate(self._shards):
+            full = int(self._windows_per_shard[shard])
+            windows += [(shard, w * self.T, 0) for w in range(full)]
+            covered = full * self.T  # targets 1..covered are predicted by the full windows
+            if covered < len(tokens) - 1:
+                start = len(tokens) - 1 - self.T
+                windows.append((shard, start, covered - start))
+        return windows
+
+    def _batch(self, starts: list[tuple[int, int]], masked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self._shards[s][o : o + self.T + 1] for s, o in starts]).astype(np.int64)  # (b, T+1)
+        x = torch.from_numpy(rows[:, :-1].copy())  # (b, T)
+        y = torch.from_numpy(rows[:, 1:].copy())  # (b, T)
+        for row, n in enumerate(masked):
+            y[row, :n] = IGNORE_INDEX
+        return x, y

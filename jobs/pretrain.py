@@ -1,0 +1,66 @@
+"""Pretrain GPT-2 on Ray Train (DDP over N workers), tracked in MLflow.
+
+  python jobs/pretrain.py --config configs/local.yaml [section.key=value ...]
+  ray job submit --working-dir . -- python jobs/pretrain.py --config configs/gpt2-124m-fineweb-edu.yaml
+
+Re-running with the same run.name resumes from the newest checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cluster.config import ConfigError, load, to_dict
+from cluster.pretrain_config import PretrainConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); defaults are the GPT-2 124M recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100 scaling.num_workers=2")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load(PretrainConfig, args.config, args.overrides)
+        cfg.validate()
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
+
+    from cluster.pretrain import run_pretraining
+    from cluster.ray_env import init_ray
+    from cluster.tracking import read_metrics, tracking_uri
+
+    init_ray(args.address)
+    accum = cfg.train.grad_accum_steps(cfg.scaling.num_workers)
+    print(
+        f"run {cfg.run_dir()}: {cfg.scaling.num_workers} workers × micro-batch {cfg.train.micro_batch} × T {cfg.train.seq_len}"
+        f" × {accum} accumulation = {cfg.train.total_batch_tokens:,} tokens/step, {cfg.train.max_steps} steps;"
+        f" MLflow {tracking_uri(cfg.run.tracking_uri)}"
+    )
+    result = run_pretraining(cfg, cfg.run.tracking_uri)
+    if result.error:
+        sys.exit(f"error: training failed: {result.error}")
+    rows = read_metrics(cfg.run_dir())
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    final = Path(cfg.run_dir()) / "final"
+    print(f"validation loss: {val[0]:.3f} (first) -> {val[-1]:.3f} (last)" if val else "no validation measured")
+    print(f"final model: {final.resolve()}")
+    print(f"newest checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    samples = sorted((Path(cfg.run_dir()) / "samples").glob("*.txt"))
+    if samples:
+        print(f"sample ({samples[-1].name}):\n{samples[-1].read_text()}")
+
+
+if __name__ == "__main__":
+    main()

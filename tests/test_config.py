@@ -1,0 +1,50 @@
+import pytest
+
+from cluster.config import ConfigError, load
+from cluster.pretrain_config import PretrainConfig
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_lr: 6e-4\n  micro_batch: 4\nmodel:\n  preset: tiny\n")
+    cfg = load(PretrainConfig, f, ["train.max_lr=3e-4", "scaling.num_workers=2", "eval.sample_prompts=[a, b]"])
+    assert cfg.train.max_lr == 3e-4 and cfg.train.micro_batch == 4 and cfg.scaling.num_workers == 2
+    assert cfg.eval.sample_prompts == ("a", "b")
+    assert cfg.model.build().n_layer == 2
+    assert cfg.train.warmup_steps == 715  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.bogus=1", r"train.bogus"),
+        ("train.micro_batch=abc", r"train.micro_batch: expected int"),
+        ("train.compile=3", r"train.compile: expected true or false"),
+        ("nosection.key=1", r"nosection"),
+        ("train.max_lr", r"section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(PretrainConfig, None, [override])
+
+
+def test_validate_names_the_problem(tmp_path):
+    cfg = load(PretrainConfig, None, ["train.micro_batch=48", f"data.shards={tmp_path}"])
+    with pytest.raises(ValueError, match="not divisible"):
+        cfg.validate()
+    cfg = load(PretrainConfig, None, [f"data.shards={tmp_path}"])
+    with pytest.raises(ValueError, match="no manifest.json"):
+        cfg.validate()
+    cfg = load(PretrainConfig, None, ["model.preset=tiny", "train.seq_len=1024"])
+    with pytest.raises(ValueError, match="block_size"):
+        cfg.validate()
+
+
+def test_shipped_configs_resolve_and_124m_batch_arithmetic():
+    for name in ("gpt2-124m-fineweb-edu", "gpt2-350m-fineweb-edu"):
+        cfg = load(PretrainConfig, f"configs/{name}.yaml")
+        t = cfg.train
+        assert t.micro_batch * t.seq_len * cfg.scaling.num_workers * t.grad_accum_steps(cfg.scaling.num_workers) == 524_288
+    cfg = load(PretrainConfig, "configs/gpt2-124m-fineweb-edu.yaml")
+    assert (cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.max_lr, cfg.train.min_lr) == (19073, 715, 6e-4, 6e-5)

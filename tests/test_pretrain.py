@@ -1,0 +1,114 @@
+"""Pretraining through Ray Train on 2 CPU workers, tracked by a real MLflow server on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cluster.config import load
+from cluster.pretrain import run_pretraining
+from cluster.pretrain_config import PretrainConfig
+from cluster.tracking import free_port, read_metrics, start_local_server
+from gpt2 import GPT
+from tests.pretrain_fixtures import write_python_docs_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_python_docs_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = start_local_server(tmp_path_factory.mktemp("mlflow"), uri)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def tiny_config(shards: Path, root: Path, name: str, *overrides: str) -> PretrainConfig:
+    return load(
+        PretrainConfig,
+        None,
+        [
+            "model.preset=tiny", "model.block_size=64", f"data.shards={shards}", "train.seq_len=32",
+            "train.micro_batch=2", "train.total_batch_tokens=128", "train.max_steps=6", "train.warmup_steps=2",
+            "train.max_lr=1e-2", "train.autocast=fp32", "eval.val_every=3", "eval.val_batches=4", "eval.sample_every=0",
+            "eval.sample_tokens=8", "checkpoint.every=3", "scaling.num_workers=2", "scaling.use_gpu=false",
+            f"run.root={root}", f"run.name={name}", *overrides,
+        ],
+    )
+
+
+def losses(cfg: PretrainConfig) -> list[float]:
+    return [r["loss"] for r in read_metrics(cfg.run_dir()) if "loss" in r]
+
+
+def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_server, tmp_path):
+    cfg = tiny_config(shards, tmp_path, "learn", "train.max_steps=8", "checkpoint.every=4", "eval.val_every=4")
+    result = run_pretraining(cfg, mlflow_server)
+    assert result.error is None
+    rows = read_metrics(cfg.run_dir())
+    loss = [r["loss"] for r in rows if "loss" in r]
+    assert len(loss) == 8 and loss[-1] < loss[0] - 0.5
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    # The checkpoint is a model directory (loads as a model) with the trainer and both workers' states.
+    ckpt = Path(result.checkpoint.path)
+    assert {"config.json", "model.safetensors", "trainer_state.pt", "worker_state_rank0.pt", "worker_state_rank1.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    GPT.from_pretrained(str(ckpt))
+    final = GPT.from_pretrained(str(Path(cfg.run_dir()) / "final"))
+    assert final.config.n_layer == 2
+    assert (Path(cfg.run_dir()) / "best" / "model.safetensors").exists()
+
+    client = MlflowClient(mlflow_server)
+    run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
+    run = client.get_run(run_id)
+    assert run.data.params["train.max_lr"] == "0.01" and run.data.params["model.preset"] == "tiny"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["git_commit"] is not None and "hardware" in run.data.tags
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(8))
+    assert [m.value for m in history] == pytest.approx(loss)
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"loss.png", "metrics.jsonl"} <= artifacts
+    versions = client.search_model_versions(f"name='{cfg.run.name}'")
+    assert len(versions) == 1
+
+
+def test_resubmitting_resumes_bit_for_bit(ray_session, shards, mlflow_server, tmp_path):
+    full = tiny_config(shards, tmp_path, "full")
+    assert run_pretraining(full, mlflow_server).error is None
+    # Stop after step 3 (a checkpoint), then submit the same run name again with the full length.
+    part = tiny_config(shards, tmp_path, "resumed", "train.max_steps=3")
+    assert run_pretraining(part, mlflow_server).error is None
+    first_run_id = (Path(part.run_dir()) / "mlflow_run_id").read_text()
+    resumed = tiny_config(shards, tmp_path, "resumed")
+    assert run_pretraining(resumed, mlflow_server).error is None
+    assert losses(resumed) == losses(full)  # exact equality: same batches, same RNG, same optimizer state
+    assert (Path(resumed.run_dir()) / "mlflow_run_id").read_text() == first_run_id
+    history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(6))
+
+
+def test_unreachable_mlflow_keeps_metrics_locally(ray_session, shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path, "offline", "train.max_steps=3", "eval.val_every=0", "checkpoint.every=0")
+    result = run_pretraining(cfg, f"http://127.0.0.1:{free_port()}")
+    assert result.error is None
+    assert len(losses(cfg)) == 3
+    assert (Path(cfg.run_dir()) / "final" / "model.safetensors").exists()
+
+
+def test_bad_config_fails_before_any_worker_starts(tmp_path):
+    job = [sys.executable, "jobs/pretrain.py"]
+    out = subprocess.run(job + [f"data.shards={tmp_path}"], capture_output=True, text=True)
+    assert out.returncode != 0 and "no manifest.json" in out.stderr
+    out = subprocess.run(job + ["train.nope=1"], capture_output=True, text=True)
+    assert out.returncode != 0 and "train.nope" in out.stderr
