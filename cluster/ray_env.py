@@ -35,6 +35,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     # Local workers run this same virtualenv, where `make setup` installed the project in editable mode; the
     # PYTHONPATH covers a checkout that was not installed that way.
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    # The dashboard (on 127.0.0.1) also serves the state API that Ray Train uses to watch its own actors.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, log_to_driver=True)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
     return "local"

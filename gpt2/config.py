@@ -75,7 +75,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Small shapes for CPU: `tiny` for tests, `small` for the local demo run.
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128),
-    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "small": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256),
 }
 
 

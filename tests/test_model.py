@@ -40,7 +40,7 @@ def test_init_scales_residual_projections():
     std_proj = m.transformer.h[0].attn.c_proj.weight.std().item()
     std_fc = m.transformer.h[0].mlp.c_fc.weight.std().item()
     assert abs(std_fc - 0.02) < 0.001
-    assert abs(std_proj - 0.02 / (2 * 6) ** 0.5) < 0.001
+    assert abs(std_proj - 0.02 / (2 * m.config.n_layer) ** 0.5) < 0.001
 
 
 def test_post_ln_differs_and_trains():

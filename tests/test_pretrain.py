@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,19 +87,48 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     assert len(versions) == 1
 
 
-def test_resubmitting_resumes_bit_for_bit(ray_session, shards, mlflow_server, tmp_path):
-    full = tiny_config(shards, tmp_path, "full")
-    assert run_pretraining(full, mlflow_server).error is None
+@pytest.fixture(scope="module")
+def reference_losses(ray_session, shards, mlflow_server, tmp_path_factory):
+    """The loss sequence of an uninterrupted 6-step run, to compare interrupted runs against."""
+    cfg = tiny_config(shards, tmp_path_factory.mktemp("reference"), "full")
+    assert run_pretraining(cfg, mlflow_server).error is None
+    return losses(cfg)
+
+
+def test_resubmitting_resumes_bit_for_bit(shards, mlflow_server, reference_losses, tmp_path):
     # Stop after step 3 (a checkpoint), then submit the same run name again with the full length.
     part = tiny_config(shards, tmp_path, "resumed", "train.max_steps=3")
     assert run_pretraining(part, mlflow_server).error is None
     first_run_id = (Path(part.run_dir()) / "mlflow_run_id").read_text()
     resumed = tiny_config(shards, tmp_path, "resumed")
     assert run_pretraining(resumed, mlflow_server).error is None
-    assert losses(resumed) == losses(full)  # exact equality: same batches, same RNG, same optimizer state
+    assert losses(resumed) == reference_losses  # exact equality: same batches, same RNG, same optimizer state
     assert (Path(resumed.run_dir()) / "mlflow_run_id").read_text() == first_run_id
     history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
     assert sorted({m.step for m in history}) == list(range(6))
+
+
+def test_killed_worker_restarts_from_checkpoint_bit_for_bit(ray_session, shards, mlflow_server, reference_losses, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = tiny_config(shards, tmp_path, "killed", "eval.val_every=0")
+    outcome = {}
+    fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, mlflow_server)))
+    fit.start()
+    deadline = time.monotonic() + 300
+    while len(losses(cfg)) < 4:  # the step-3 checkpoint exists once step 4 is logged
+        assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 4"
+        time.sleep(0.2)
+    workers = list_actors(
+        address=ray_session.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    killed_at = time.monotonic()
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    fit.join(timeout=600)
+    assert outcome["result"].error is None
+    print(f"recovered and finished {time.monotonic() - killed_at:.1f}s after the kill")
+    assert losses(cfg) == reference_losses
 
 
 def test_unreachable_mlflow_keeps_metrics_locally(ray_session, shards, tmp_path):

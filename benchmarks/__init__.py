@@ -1,0 +1,1 @@
+"""Side-by-side measurements, run by `make bench`; never part of the pass/fail test suite."""

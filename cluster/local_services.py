@@ -1,0 +1,103 @@
+"""The single-machine services `make demo` needs: a Ray head and an MLflow server, both on loopback.
+
+  python -m cluster.local_services up      # start what is not running, print the URLs
+  python -m cluster.local_services status
+  python -m cluster.local_services down    # stop what `up` started
+
+The Ray head runs with token authentication (Ray 2.5x+): the token lives in ~/.ray/auth_token, and every client the
+project starts sets RAY_AUTH_MODE=token. Dashboard and MLflow bind 127.0.0.1, so nothing is reachable from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from cluster.ray_env import PROJECT_ROOT
+from cluster.tracking import DEFAULT_TRACKING_URI, server_is_up, start_local_server
+
+DASHBOARD_URL = "http://127.0.0.1:8265"
+STATE_DIR = PROJECT_ROOT / "runs" / ".services"
+MLFLOW_DIR = PROJECT_ROOT / "runs" / "mlflow"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def client_env() -> dict[str, str]:
+    """Environment for Ray clients (job submit, drivers) talking to the local head."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": DASHBOARD_URL}
+
+
+def ray_head_is_up() -> bool:
+    try:
+        with urllib.request.urlopen(f"{DASHBOARD_URL}/api/version", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_ray_head() -> bool:
+    """Start `ray start --head` on loopback with token auth unless a head answers; True when started here."""
+    if ray_head_is_up():
+        return False
+    env = client_env()
+    # Jobs submitted with `-- python ...` run with the head's PATH: put this virtualenv first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         "--dashboard-port=8265", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, text=True,
+    )
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    (STATE_DIR / "ray_started").write_text("1")
+    return True
+
+
+def up() -> None:
+    started_ray = start_ray_head()
+    started_mlflow = start_local_server(MLFLOW_DIR, DEFAULT_TRACKING_URI) is not None
+    if started_mlflow:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / "mlflow_started").write_text("1")
+    print(f"Ray dashboard: {DASHBOARD_URL} ({'started' if started_ray else 'already running'})")
+    print(f"MLflow UI:     {DEFAULT_TRACKING_URI} ({'started' if started_mlflow else 'already running'})")
+
+
+def down() -> None:
+    if (STATE_DIR / "mlflow_started").exists():
+        pid_file = MLFLOW_DIR / "server.pid"
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+            except ProcessLookupError:
+                pass
+            pid_file.unlink()
+        (STATE_DIR / "mlflow_started").unlink()
+        print("stopped the MLflow server")
+    if (STATE_DIR / "ray_started").exists():
+        subprocess.run([_bin("ray"), "stop"], env=client_env(), capture_output=True)
+        (STATE_DIR / "ray_started").unlink()
+        print("stopped the Ray head")
+
+
+def status() -> None:
+    print(f"Ray head ({DASHBOARD_URL}): {'up' if ray_head_is_up() else 'down'}")
+    print(f"MLflow ({DEFAULT_TRACKING_URI}): {'up' if server_is_up(DEFAULT_TRACKING_URI) else 'down'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["up", "down", "status"])
+    {"up": up, "down": down, "status": status}[p.parse_args().action]()
+
+
+if __name__ == "__main__":
+    main()
