@@ -21,8 +21,12 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks.run_all
 
+# Starts a local Ray head and MLflow server when they are not running, then submits the jobs with `ray job submit`.
 demo: setup
-	$(PY) jobs/generate.py --preset small --prompt "The Python standard library" --max-tokens 40 --num-samples 2 --seed 0
+	$(PY) jobs/demo.py
+
+stop: setup
+	$(PY) -m cluster.local_services down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

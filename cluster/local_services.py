@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 from cluster.ray_env import PROJECT_ROOT
-from cluster.tracking import DEFAULT_TRACKING_URI, server_is_up, start_local_server
+from cluster.tracking import DEFAULT_TRACKING_URI, server_is_up, start_local_server, stop_server
 
 DASHBOARD_URL = "http://127.0.0.1:8265"
 STATE_DIR = PROJECT_ROOT / "runs" / ".services"
@@ -75,10 +74,7 @@ def down() -> None:
     if (STATE_DIR / "mlflow_started").exists():
         pid_file = MLFLOW_DIR / "server.pid"
         if pid_file.exists():
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
-            except ProcessLookupError:
-                pass
+            stop_server(int(pid_file.read_text()))
             pid_file.unlink()
         (STATE_DIR / "mlflow_started").unlink()
         print("stopped the MLflow server")

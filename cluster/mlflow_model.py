@@ -30,6 +30,14 @@ class GPT2TextModel(mlflow.pyfunc.PythonModel):
         return [self.enc.decode(t) for t in self.model.generate(rows, max_tokens, temperature=0)]
 
 
+def _requirements() -> list[str]:
+    """The project's pinned runtime requirements: given explicitly, MLflow skips its slow requirement inference."""
+    from cluster.ray_env import PROJECT_ROOT
+
+    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
 def log_checkpoint_model(uri: str, run_id: str, model_dir: str | Path, registered_name: str | None) -> str:
     """Log `model_dir` into run `run_id` as model "model"; register it under `registered_name` when given."""
     mlflow.set_tracking_uri(uri)
@@ -39,6 +47,7 @@ def log_checkpoint_model(uri: str, run_id: str, model_dir: str | Path, registere
             python_model=GPT2TextModel(),
             artifacts={CHECKPOINT_ARTIFACT: str(model_dir)},
             registered_model_name=registered_name,
+            pip_requirements=_requirements(),
         )
     return info.model_uri if registered_name is None else f"models:/{registered_name}/{info.registered_model_version}"
 

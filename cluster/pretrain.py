@@ -112,8 +112,20 @@ def train_loop_per_worker(config: dict) -> None:
         )
         logger.set_tags({"resumed_from_step": str(state["step"])} if state["step"] else {})
     batches = iter(loader)
+
+    def validate(step: int) -> float:
+        """Validation loss after `step` updates (every rank takes part); rank 0 exports a new best model."""
+        val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
+        loss = evaluate_loss(model, iter(val), cfg.eval.val_batches, device=device, autocast=autocast)
+        if logger and loss < state["best_val_loss"]:
+            model.save_pretrained(str(run_dir / "best"))
+        state["best_val_loss"] = min(state["best_val_loss"], loss)
+        return loss
+
     for step in range(state["step"], cfg.train.max_steps):
         last = step == cfg.train.max_steps - 1
+        # As in nanoGPT, validation at step s measures the model after s updates, so step 0 is the untrained model.
+        val_loss = validate(step) if cfg.eval.val_every > 0 and step % cfg.eval.val_every == 0 else None
         stats = train_step(trained, optimizer, batches, step, cfg.train, accum, device=device, autocast=autocast)
         metrics = {
             "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "step_time": stats.seconds,
@@ -121,17 +133,12 @@ def train_loop_per_worker(config: dict) -> None:
             "mfu": flops_per_token * stats.tokens / stats.seconds / peak,
             "data_share": stats.data_seconds / stats.seconds,
         }
-        if _due(step, cfg.eval.val_every, last):
-            val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
-            metrics["val_loss"] = evaluate_loss(model, iter(val), cfg.eval.val_batches, device=device, autocast=autocast)
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
         if logger:
             logger.log_metrics(metrics, step)
             if _due(step, cfg.eval.sample_every, last):
                 logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
-            if metrics.get("val_loss", float("inf")) < state["best_val_loss"]:
-                state["best_val_loss"] = metrics["val_loss"]
-                model.save_pretrained(str(run_dir / "best"))
-        state["best_val_loss"] = _broadcast(state["best_val_loss"], device)
         state["step"] = step + 1
         if _due(step, cfg.checkpoint.every, last):
             with tempfile.TemporaryDirectory() as tmp:
@@ -139,17 +146,10 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)))
         else:
             ray.train.report(metrics)
+    final_val = validate(cfg.train.max_steps)
     if logger:
+        logger.log_metrics({"val_loss": final_val}, cfg.train.max_steps)
         _finish(model, cfg, logger, run_dir)
-
-
-def _broadcast(value: float, device: torch.device) -> float:
-    """Rank 0's value on every rank (only rank 0 tracks the best validation loss)."""
-    if not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.float64)
-    torch.distributed.broadcast(t, src=0)
-    return t.item()
 
 
 def _samples(model: GPT, cfg: PretrainConfig) -> str:
@@ -166,6 +166,7 @@ def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path) -
 
     final = run_dir / "final"
     model.save_pretrained(str(final))
+    logger.flush(force=True)  # deliver anything held back while the server was unreachable before the artifacts
     png = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=cfg.run.name)
     logger.log_artifact(png)
     logger.log_artifact(run_dir / "metrics.jsonl")

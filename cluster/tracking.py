@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Fail fast instead of MLflow's default minutes of retries, so an unreachable server costs seconds once.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -73,6 +74,19 @@ def start_local_server(store_dir: str | Path, uri: str = DEFAULT_TRACKING_URI, w
     raise RuntimeError(f"mlflow server did not answer at {uri} within {wait:.0f}s; see {store / 'server.log'}")
 
 
+def stop_server(pid: int, timeout: float = 30.0) -> None:
+    """Stop a server started by start_local_server: its whole process group (mlflow runs worker processes)."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.killpg(pid, 0)  # raises once every process of the group is gone
+            time.sleep(0.2)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,11 +124,12 @@ class RunLogger:
     def _id_file(self) -> Path:
         return self.run_dir / "mlflow_run_id"
 
-    def _connect(self) -> bool:
-        """Create or resume the MLflow run; False (and a single warning) while the server is unreachable."""
+    def _connect(self, force: bool = False) -> bool:
+        """Create or resume the MLflow run; False (and a single warning) while the server is unreachable.
+        After a failure the next attempt waits RETRY_SECONDS unless `force`d."""
         if self.run_id is not None:
             return True
-        if time.monotonic() < self._next_try:
+        if time.monotonic() < self._next_try and not force:
             return False
         try:
             if self._id_file().exists():
@@ -163,8 +178,8 @@ class RunLogger:
         self._pending.append((metrics, step, timestamp))
         self.flush()
 
-    def flush(self) -> None:
-        if not self._pending or not self._connect():
+    def flush(self, force: bool = False) -> None:
+        if not self._pending or not self._connect(force):
             return
         from mlflow.entities import Metric
 
@@ -213,8 +228,9 @@ class RunLogger:
                 self._offline(e)
 
     def close(self, status: str = "FINISHED") -> None:
-        self.flush()
-        if self._connect():
+        self._next_try = 0.0  # one last attempt to deliver everything, whatever the retry timer says
+        self.flush(force=True)
+        if self._connect(force=True):
             try:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as e:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from cluster.config import load
 from cluster.pretrain import run_pretraining
 from cluster.pretrain_config import PretrainConfig
-from cluster.tracking import free_port, read_metrics, start_local_server
+from cluster.tracking import free_port, read_metrics, start_local_server, stop_server
 from gpt2 import GPT
 from tests.pretrain_fixtures import write_python_docs_shards
 
@@ -31,8 +31,7 @@ def mlflow_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{free_port()}"
     proc = start_local_server(tmp_path_factory.mktemp("mlflow"), uri)
     yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc.pid)
 
 
 def tiny_config(shards: Path, root: Path, name: str, *overrides: str) -> PretrainConfig:
@@ -60,7 +59,10 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     rows = read_metrics(cfg.run_dir())
     loss = [r["loss"] for r in rows if "loss" in r]
     assert len(loss) == 8 and loss[-1] < loss[0] - 0.5
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows if "loss" in r)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val] == [0, 4, 8]  # before any update, mid-run, and after the last update
+    assert abs(val[0][1] - 10.83) < 0.3 and val[-1][1] < val[0][1] - 0.5
     # The checkpoint is a model directory (loads as a model) with the trainer and both workers' states.
     ckpt = Path(result.checkpoint.path)
     assert {"config.json", "model.safetensors", "trainer_state.pt", "worker_state_rank0.pt", "worker_state_rank1.pt"} <= {
@@ -80,7 +82,7 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == list(range(8))
     assert [m.value for m in history] == pytest.approx(loss)
-    assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    assert len(client.get_metric_history(run_id, "val_loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss.png", "metrics.jsonl"} <= artifacts
     versions = client.search_model_versions(f"name='{cfg.run.name}'")
