@@ -1,0 +1,160 @@
+"""Evaluate one or several GPT-2 models: HellaSwag (both scoring methods) and sliding-window perplexity on text files.
+
+    python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model /models/openai-gpt2 \\
+        --hellaswag data/hellaswag_val.jsonl --text data/wiki.test.raw --output runs/evaluate/results.json
+
+Scoring runs on a Ray Data actor pool (--actors, one model copy per actor, GPU actors when the cluster has GPUs),
+or in this process with --actors 0. Writes a JSON results file and prints a comparison table next to the published
+baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from cluster.evaluation import ActorPool, EvalSettings, compute_metrics
+from cluster.ray_env import init_ray
+from cluster.models import load_model
+from gpt2.hellaswag import (
+    HELLASWAG_VAL_EXAMPLES,
+    METHODS,
+    PUBLISHED_BASELINES,
+    comparison_table,
+    default_cache_dir,
+    download_hellaswag,
+    file_sha256,
+    load_hellaswag,
+)
+from gpt2.perplexity import text_tokens
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, metavar="SPEC",
+                        help="a checkpoint directory of this project, a Hugging Face GPT-2 directory or hub name, "
+                             "or an MLflow model URI (models:/NAME/VERSION); repeat to compare several models")
+    data = parser.add_argument_group("data")
+    data.add_argument("--hellaswag", metavar="PATH",
+                      help="HellaSwag jsonl file; default: the official validation set, downloaded into --cache-dir "
+                           "and checksum-verified")
+    data.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag (e.g. only text perplexity)")
+    data.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"download cache (default {default_cache_dir()})")
+    data.add_argument("--limit", type=int, metavar="N", help="only the first N HellaSwag examples")
+    data.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="HellaSwag scoring methods")
+    data.add_argument("--text", action="append", default=[], type=Path, metavar="FILE",
+                      help="a UTF-8 text file to measure perplexity on (e.g. WikiText-2's wiki.test.raw); repeatable")
+    data.add_argument("--context-length", type=int, metavar="N",
+                      help="perplexity window in tokens (default: the model's context)")
+    data.add_argument("--stride", type=int, metavar="N", help="perplexity window step (default: half the window)")
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--actors", type=int, default=2, metavar="N",
+                         help="Ray Data actors per model (default 2); 0 scores in this process")
+    compute.add_argument("--cpus-per-actor", type=int, default=1, metavar="N",
+                         help="CPUs and torch threads per actor (default 1)")
+    compute.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                         help="GPU actors (default: when the Ray cluster has GPUs)")
+    compute.add_argument("--batch-size", type=int, default=8, metavar="N",
+                         help="HellaSwag examples per forward pass (default 8)")
+    compute.add_argument("--window-batch-size", type=int, default=4, metavar="N",
+                         help="perplexity windows per forward pass (default 4)")
+    compute.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, or a new local instance)")
+    parser.add_argument("--output", type=Path, metavar="PATH",
+                        help="results JSON (default runs/evaluate/<UTC time>/results.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.actors < 0:
+        parser.error("--actors must be >= 0")
+    for option in ("limit", "context_length", "stride", "cpus_per_actor", "batch_size", "window_batch_size"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1")
+    if args.no_hellaswag and not args.text:
+        parser.error("nothing to evaluate: --no-hellaswag without --text")
+    names = [path.name for path in args.text]
+    if len(set(names)) != len(names):
+        parser.error(f"--text files need distinct names (their metrics are keyed by name): {names}")
+    return args
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    pool = ActorPool(args.actors, args.cpus_per_actor, args.gpu) if args.actors else None
+    return EvalSettings(
+        methods=tuple(args.methods),
+        hellaswag_batch_size=args.batch_size,
+        context_length=args.context_length,
+        stride=args.stride,
+        window_batch_size=args.window_batch_size,
+        pool=pool,
+        progress=not args.no_progress,
+    )
+
+
+def perplexity_table(models: list[dict], names: list[str]) -> str:
+    width = max(len("perplexity"), *(len(m["model"]) for m in models))
+    column = max(12, *(len(name) + 2 for name in names))
+    lines = [f"{'perplexity':<{width}}" + "".join(f"{name:>{column}}" for name in names)]
+    for m in models:
+        values = (m["metrics"][f"text/{name}/perplexity"] for name in names)
+        lines.append(f"{m['model']:<{width}}" + "".join(f"{value:>{column}.3f}" for value in values))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    started_at = datetime.now(timezone.utc)
+    output = args.output or Path("runs/evaluate") / started_at.strftime("%Y%m%d-%H%M%S") / "results.json"
+
+    results: dict = {"created": started_at.isoformat(timespec="seconds"), "data": {}, "models": []}
+    examples = []
+    if not args.no_hellaswag:
+        path = Path(args.hellaswag) if args.hellaswag else download_hellaswag(args.cache_dir)
+        examples = load_hellaswag(path, limit=args.limit)
+        results["data"]["hellaswag"] = {"path": str(path), "sha256": file_sha256(path), "examples": len(examples)}
+        if len(examples) != HELLASWAG_VAL_EXAMPLES:
+            print(f"note: {len(examples)} HellaSwag examples; the published figures use all {HELLASWAG_VAL_EXAMPLES}")
+    texts = {}
+    for path in args.text:
+        texts[path.name] = text_tokens(path.read_text(encoding="utf-8"))
+        results["data"][f"text/{path.name}"] = {"path": str(path), "tokens": len(texts[path.name]) - 1}
+    results["settings"] = {**dataclasses.asdict(settings), "torch_threads": torch.get_num_threads()}
+
+    if settings.pool is not None:
+        init_ray(args.address)
+    # Actors place their own copies; the copy loaded here is only scored when there is no pool.
+    device = "cuda" if settings.pool is None and torch.cuda.is_available() else "cpu"
+    for spec in args.model:
+        try:
+            model = load_model(spec, device=device)
+        except ValueError as e:  # a missing/corrupt directory, an unknown hub name, an unreachable MLflow model
+            sys.exit(f"error: {e}")
+        started = time.perf_counter()
+        metrics = compute_metrics(model, settings, hellaswag=examples, texts=texts)
+        seconds = time.perf_counter() - started
+        # One model's results as they go into the JSON file; the tracking module logs `metrics` to MLflow here.
+        results["models"].append(
+            {"model": spec, "parameters": model.num_params(), "seconds": round(seconds, 3), "metrics": metrics}
+        )
+    results["baselines"] = [{"name": b.name, "percent": dict(b.percent)} for b in PUBLISHED_BASELINES]
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    if examples:
+        print(comparison_table([(m["model"], m["metrics"]) for m in results["models"]]))
+        print()
+    if texts:
+        print(perplexity_table(results["models"], list(texts)))
+        print()
+    print(f"results: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
