@@ -28,6 +28,7 @@ from cluster.tracking import RunLogger
 from gpt2 import GPT, get_tokenizer
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, peak_flops
+from gpt2.hellaswag import HellaSwagExample, download_hellaswag, evaluate_hellaswag, load_hellaswag
 from gpt2.train import (
     autocast_context,
     autocast_dtype,
@@ -113,6 +114,17 @@ def train_loop_per_worker(config: dict) -> None:
         logger.set_tags({"resumed_from_step": str(state["step"])} if state["step"] else {})
     batches = iter(loader)
 
+    hellaswag = _hellaswag_examples(cfg)
+
+    def hellaswag_metrics() -> dict[str, float]:
+        """HellaSwag (completion scoring) with the examples split across ranks and the counts summed."""
+        mine = evaluate_hellaswag(model, hellaswag[rank::world], methods=("completion",))["completion"]
+        counts = torch.tensor([mine.n, mine.correct, mine.correct_norm], dtype=torch.float64, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        n, correct, correct_norm = counts.tolist()
+        return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+
     def validate(step: int) -> float:
         """Validation loss after `step` updates (every rank takes part); rank 0 exports a new best model."""
         val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
@@ -135,6 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
         }
         if val_loss is not None:
             metrics["val_loss"] = val_loss
+        if hellaswag and step % cfg.eval.hellaswag_every == 0:
+            metrics.update(hellaswag_metrics())
         if logger:
             logger.log_metrics(metrics, step)
             if _due(step, cfg.eval.sample_every, last):
@@ -146,10 +160,16 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)))
         else:
             ray.train.report(metrics)
-    final_val = validate(cfg.train.max_steps)
+    final = {"val_loss": validate(cfg.train.max_steps), **(hellaswag_metrics() if hellaswag else {})}
     if logger:
-        logger.log_metrics({"val_loss": final_val}, cfg.train.max_steps)
+        logger.log_metrics(final, cfg.train.max_steps)
         _finish(model, cfg, logger, run_dir)
+
+
+def _hellaswag_examples(cfg: PretrainConfig) -> list[HellaSwagExample] | None:
+    if cfg.eval.hellaswag_every <= 0:
+        return None
+    return load_hellaswag(cfg.eval.hellaswag_path or download_hellaswag(), limit=cfg.eval.hellaswag_limit)
 
 
 def _samples(model: GPT, cfg: PretrainConfig) -> str:

@@ -40,6 +40,7 @@ class EvalSection:
     sample_tokens: int = 48
     hellaswag_every: int = 0  # steps between HellaSwag runs (0: off)
     hellaswag_path: str | None = None  # hellaswag_val.jsonl (downloaded when None and there is network)
+    hellaswag_limit: int | None = None  # score only the first N examples (None: all 10,042)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class PretrainConfig:
                 raise ValueError(f"train.{name} must be >= 1")
         if self.scaling.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if self.eval.hellaswag_path and not Path(self.eval.hellaswag_path).is_file():
+            raise ValueError(f"eval.hellaswag_path={self.eval.hellaswag_path}: no such file")
         if not self.run.root.startswith(("s3://", "gs://")):
             manifest = Path(self.data.shards) / "manifest.json"
             if not manifest.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,8 +53,22 @@ def losses(cfg: PretrainConfig) -> list[float]:
     return [r["loss"] for r in read_metrics(cfg.run_dir()) if "loss" in r]
 
 
+HELLASWAG_LINES = [
+    {"ind": i, "activity_label": "Cooking", "ctx_a": "A man puts a pan on the stove.", "ctx_b": "he",
+     "ctx": "A man puts a pan on the stove. he", "split": "val", "split_type": "indomain", "label": i % 4,
+     "endings": ["pours oil into the pan.", "reads a book about boats.", "jumps over the fence.", "sings to a dog."],
+     "source_id": f"test~{i}"}
+    for i in range(6)
+]
+
+
 def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_server, tmp_path):
-    cfg = tiny_config(shards, tmp_path, "learn", "train.max_steps=8", "checkpoint.every=4", "eval.val_every=4")
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    hellaswag.write_text("".join(json.dumps(line) + "\n" for line in HELLASWAG_LINES))
+    cfg = tiny_config(
+        shards, tmp_path, "learn", "train.max_steps=8", "checkpoint.every=4", "eval.val_every=4",
+        "eval.hellaswag_every=4", f"eval.hellaswag_path={hellaswag}",
+    )
     result = run_pretraining(cfg, mlflow_server)
     assert result.error is None
     rows = read_metrics(cfg.run_dir())
@@ -63,6 +78,9 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert [s for s, _ in val] == [0, 4, 8]  # before any update, mid-run, and after the last update
     assert abs(val[0][1] - 10.83) < 0.3 and val[-1][1] < val[0][1] - 0.5
+    # HellaSwag split over the two ranks and summed: 6 examples, so accuracies are multiples of 1/6.
+    accs = [r["hellaswag_acc_norm"] for r in rows if "hellaswag_acc_norm" in r]
+    assert len(accs) == 3 and all(abs(a * 6 - round(a * 6)) < 1e-9 for a in accs)
     # The checkpoint is a model directory (loads as a model) with the trainer and both workers' states.
     ckpt = Path(result.checkpoint.path)
     assert {"config.json", "model.safetensors", "trainer_state.pt", "worker_state_rank0.pt", "worker_state_rank1.pt"} <= {
