@@ -247,8 +247,7 @@ def prepare_data(
     fingerprint = _fingerprint(config, source)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    existing = _reusable_output(out, fingerprint, overwrite)
-    if existing is not None:
+    if not overwrite and (existing := _reusable_output(out, fingerprint)) is not None:
         return existing
     _clear_output(out)
     marker = out / MARKER_NAME
@@ -295,12 +294,18 @@ def _fingerprint(config: PrepareConfig, source: ResolvedSource) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
-def _reusable_output(out: Path, fingerprint: str, overwrite: bool) -> PrepareSummary | None:
+def existing_output(config: PrepareConfig, *, hf_filesystem: AbstractFileSystem | None = None) -> PrepareSummary | None:
+    """The summary of an intact earlier run of exactly this configuration, found without Ray (so a job can skip
+    starting it); None when the shards must be built. Raises FileExistsError like `prepare_data` without overwrite."""
+    source = resolve_source(config.source, hf_filesystem)
+    out = Path(config.output_dir)
+    return _reusable_output(out, _fingerprint(config, source)) if out.is_dir() else None
+
+
+def _reusable_output(out: Path, fingerprint: str) -> PrepareSummary | None:
     """The summary of a complete, intact earlier run with this fingerprint; None when (re)building is allowed.
     Raises FileExistsError rather than replace shards that this configuration did not write."""
     manifest_path, marker = out / MANIFEST_NAME, out / MARKER_NAME
-    if overwrite:
-        return None
     if manifest_path.exists():
         try:
             manifest = read_manifest(manifest_path)

@@ -105,7 +105,7 @@ def resolve_filesystem(location: str, hf_filesystem: AbstractFileSystem | None =
     `huggingface_hub.HfFileSystem()` for hf:// URIs (tests pass a local fsspec filesystem laid out like the hub)."""
     if location.startswith("hf://"):
         if hf_filesystem is None:
-            from huggingface_hub import HfFileSystem
+            from huggingface_hub import HfFileSystem  # imported on use: only hf:// needs it, and it loads slowly
 
             hf_filesystem = HfFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(hf_filesystem)), location.removeprefix("hf://")
@@ -115,7 +115,7 @@ def resolve_filesystem(location: str, hf_filesystem: AbstractFileSystem | None =
 
 
 def file_format(path: str) -> str | None:
-    """ "parquet", "jsonl", "txt" or None, from the file name (compression suffixes allowed for jsonl/txt)."""
+    """The document format a file name says: parquet, jsonl or txt (jsonl/txt may be compressed), else None."""
     name = path.lower()
     for suffix in COMPRESSION_SUFFIXES:
         if name.endswith(suffix) and not name.endswith(".parquet" + suffix):
@@ -127,9 +127,8 @@ def file_format(path: str) -> str | None:
 def resolve_source(spec: SourceSpec, hf_filesystem: AbstractFileSystem | None = None) -> ResolvedSource:
     """List the source's files (sorted, so the document order is fixed) or, for python-docs, fingerprint the text."""
     if spec.kind == "python-docs":
-        python_docs_documents = _python_docs()
         digest = hashlib.sha256()
-        for doc in python_docs_documents():
+        for doc in _python_docs_documents():
             digest.update(f"{doc.source}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
         return ResolvedSource(spec, description={"python": sys.version, "corpus_sha256": digest.hexdigest()})
     locations = spec.inputs or (fineweb_edu_location(spec.fineweb_name),)
@@ -172,7 +171,7 @@ def read_documents(
     if spec.kind == "python-docs":
         rows = _DocumentRows(spec.max_doc_chars, rows_per_block)
         tables = []
-        for doc in _python_docs()():
+        for doc in _python_docs_documents():
             tables += rows.add(doc.text, doc.source)
         tables += rows.flush()
         return ray.data.from_arrow(tables)
@@ -187,12 +186,12 @@ def read_documents(
     )
 
 
-def _python_docs():
+def _python_docs_documents() -> tuple:
     # Imported on use: every read task unpickles this module, and importing the gpt2 package loads torch (seconds
     # per worker process) which reading files never needs.
     from gpt2.corpus import python_docs_documents
 
-    return python_docs_documents
+    return python_docs_documents()
 
 
 class _DocumentRows:

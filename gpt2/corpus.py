@@ -19,13 +19,13 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import NamedTuple
 
 # Standard-library folders left out: tests and demos, GUI/IDE code, and packages whose docstrings are mostly
 # internal plumbing (codecs tables, installers, the deprecated 2to3). Private modules (leading `_`) are left out too.
 SKIPPED_STDLIB_DIRS = frozenset(
-    {"test", "tests", "idlelib", "turtledemo", "tkinter", "lib2to3", "ensurepip", "encodings", "pydoc_data",
-     "site-packages", "dist-packages"}
+    "test tests idlelib turtledemo tkinter lib2to3 ensurepip encodings pydoc_data site-packages dist-packages".split()
 )
 
 
@@ -39,22 +39,22 @@ def python_docs_documents() -> tuple[Document, ...]:
     """The whole corpus, topics first, then modules sorted by dotted name (on Python 3.11: 422 documents,
     1.76 MB of text, 520K GPT-2 tokens). Parsing the sources takes a few seconds, so the result is cached."""
     stdlib_dir = Path(sysconfig.get_paths()["stdlib"])
-    return tuple(_topic_documents()) + tuple(_stdlib_documents(stdlib_dir))
+    return tuple(_topic_documents()) + tuple(stdlib_documents(stdlib_dir))
 
 
 def _topic_documents() -> Iterator[Document]:
-    from pydoc_data.topics import topics
-
     for name in sorted(topics):
         yield Document(f"pydoc_data.topics[{name!r}]", topics[name])
 
 
-def _stdlib_documents(stdlib_dir: Path) -> Iterator[Document]:
+def stdlib_documents(stdlib_dir: Path) -> Iterator[Document]:
+    """One document per public module under `stdlib_dir` that has docstrings, sorted by dotted module name."""
     modules = []
     for folder, subfolders, files in os.walk(stdlib_dir):
         # Prune while walking: the skipped folders (tests above all) hold most of the standard library's files.
-        subfolders[:] = [d for d in subfolders if d not in SKIPPED_STDLIB_DIRS and not d.startswith(("_", "."))
-                         and "-" not in d]  # `config-3.11-x86_64-linux-gnu` is build data, not a package
+        subfolders[:] = [
+            d for d in subfolders if d not in SKIPPED_STDLIB_DIRS and not d.startswith(("_", ".")) and "-" not in d
+        ]  # `config-3.11-x86_64-linux-gnu` is build data, not a package
         for file in files:
             if not file.endswith(".py") or (file.startswith("_") and file != "__init__.py"):
                 continue

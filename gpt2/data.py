@@ -200,7 +200,7 @@ class ShardWriter:
             self._file = None
             self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -303,8 +303,8 @@ class ShardedTokenLoader:
     Train split: an endless stream of epochs. Each shard is cut into windows of T+1 tokens starting every T tokens;
     every epoch visits the shards in a fresh order and each shard's windows in a fresh order, both drawn from `seed`
     and the epoch number, so the source's ordering (e.g. FineWeb's crawl order) does not show up as periodic loss.
-    Step k of an epoch uses windows [k·B·W, (k+1)·B·W) of that order, rank r the B windows at offset r·B, so ranks are
-    disjoint and together cover every window but the last < B·W of the epoch (dropped so all ranks step together).
+    Step k of an epoch uses windows [k·B·W, (k+1)·B·W) of that order, rank r the B windows at offset r·B, so ranks
+    are disjoint and together cover every window but the last < B·W of the epoch (dropped so all ranks step together).
     `state_dict()` is the epoch and the number of windows consumed; loading it resumes at exactly that batch.
 
     Val split: iterating yields one deterministic pass in file order that predicts every token once: windows start
@@ -340,11 +340,11 @@ class ShardedTokenLoader:
             self.steps_per_epoch = self.windows_per_epoch // (B * world_size)
             if self.steps_per_epoch == 0:
                 raise ValueError(
-                    f"{self.num_tokens} train tokens in {len(self.paths)} shard(s) hold {self.windows_per_epoch} windows"
-                    f" of T+1={T + 1} tokens, fewer than one step needs (B×world_size = {B * world_size})"
+                    f"{self.num_tokens} train tokens in {len(self.paths)} shard(s) hold {self.windows_per_epoch}"
+                    f" windows of T+1={T + 1} tokens, fewer than one step needs (B×world_size = {B * world_size})"
                 )
         elif any(len(s) < T + 1 for s in self._shards):
-            short = next(p for p, s in zip(self.paths, self._shards) if len(s) < T + 1)
+            short = next(p for p, s in zip(self.paths, self._shards, strict=True) if len(s) < T + 1)
             raise ValueError(f"{short}: a validation shard needs at least T+1={T + 1} tokens")
         self.epoch = 0
         self.position = 0  # windows of this epoch consumed by all ranks together
@@ -383,7 +383,7 @@ class ShardedTokenLoader:
             "position": self.position,
             "seed": self.seed,
             "T": self.T,
-            "shards": [[p.name, len(s)] for p, s in zip(self.paths, self._shards)],
+            "shards": [[p.name, len(s)] for p, s in zip(self.paths, self._shards, strict=True)],
         }
 
     def load_state_dict(self, state: dict) -> None:
