@@ -8,8 +8,8 @@ highest memory:
 - "writer" is the process that writes the shards (the Ray driver, the Pool's parent, the single process);
 - "workers" is the largest sum of the helper processes' RSS seen while it ran (Pool children; Ray's worker
   processes — tokenizer actors, read tasks and idle workers — but not Ray's own daemons);
-- "CPU s" is the CPU time of the run and everything it started (for Ray, its daemons too): on a busy machine the
-  wall-clock figures swing with the other work, tokens per CPU-second much less.
+- "CPU s" is the CPU time of the measured work in this process and every process under it (for Ray, its daemons
+  too): on a busy machine the wall-clock figures swing with the other work, tokens per CPU-second much less.
 Peak memory should not grow with the corpus. Every time is the whole job, start to last shard; for Ray that includes
 starting its worker processes and actors, shown separately as "first tokens after" (the other methods start in
 about a second), which is why Ray needs a large corpus to pay off; "once running" is Ray's rate from its first to its
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ import psutil
 SHARD_TOKENS = 2_000_000
 VAL_TOKENS = 100_000
 DOCS_PER_BATCH = 256
+MIN_RUNNING_S = 2.0
 
 
 def write_corpus(directory: Path, copies: int) -> int:
@@ -81,20 +82,20 @@ def write_batches(writer, encoded: Iterator[np.ndarray]) -> None:
         writer.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
 
 
-def run_single(corpus: Path, out: Path, workers: int) -> dict:
+def run_single(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
     from gpt2.data import ShardWriter
 
-    started = time.perf_counter()
+    started = start_clock()
     with ShardWriter(out, "bench", shard_tokens=SHARD_TOKENS, val_tokens=VAL_TOKENS) as writer:
         write_batches(writer, (encode(t) for t in iter_texts(corpus)))
         writer.close()
     return {"seconds": time.perf_counter() - started, "tokens": writer.tokens}
 
 
-def run_pool(corpus: Path, out: Path, workers: int) -> dict:
+def run_pool(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
     from gpt2.data import ShardWriter
 
-    started = time.perf_counter()
+    started = start_clock()
     with (
         multiprocessing.get_context("fork").Pool(workers) as pool,
         ShardWriter(out, "bench", shard_tokens=SHARD_TOKENS, val_tokens=VAL_TOKENS) as writer,
@@ -104,7 +105,7 @@ def run_pool(corpus: Path, out: Path, workers: int) -> dict:
     return {"seconds": time.perf_counter() - started, "tokens": writer.tokens}
 
 
-def run_ray(corpus: Path, out: Path, workers: int) -> dict:
+def run_ray(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
     from cluster.data_pipeline import PrepareConfig, prepare_data
     from cluster.ray_env import init_ray
     from cluster.sources import SourceSpec
@@ -119,14 +120,16 @@ def run_ray(corpus: Path, out: Path, workers: int) -> dict:
         tokenizers=workers,
     )
     reports = []  # (time, tokens written) after every block
-    started = time.perf_counter()
+    started = start_clock()  # after init_ray: on a cluster Ray is already running
     summary = prepare_data(
         config, on_progress=lambda p: reports.append((time.perf_counter(), p.tokens)), progress_interval_s=0
     )
     seconds = time.perf_counter() - started
     (first_at, first_tokens), (last_at, last_tokens) = reports[0], reports[-1]
-    running = (last_tokens - first_tokens) / (last_at - first_at) if last_at > first_at else float("nan")
-    return {"seconds": seconds, "tokens": summary.tokens, "first_tokens_s": first_at - started, "running": running}
+    result = {"seconds": seconds, "tokens": summary.tokens, "first_tokens_s": first_at - started}
+    if last_at - first_at >= MIN_RUNNING_S:  # else the blocks all arrived together and a rate means nothing
+        result["running"] = (last_tokens - first_tokens) / (last_at - first_at)
+    return result
 
 
 METHODS = {"single": run_single, "pool": run_pool, "ray": run_ray}
@@ -138,13 +141,22 @@ class ProcessSampler:
 
     def __init__(self) -> None:
         self.helpers_peak_rss = 0
+        self._me = psutil.Process()
         self._cpu_by_pid: dict[int, float] = {}
+        self._cpu_at_start: tuple[float, dict[int, float]] = (0.0, {})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @property
-    def descendants_cpu_s(self) -> float:
-        return sum(self._cpu_by_pid.values())
+    def start_clock(self) -> float:
+        """Mark the start of the measured work (after imports and Ray's start-up); returns perf_counter()."""
+        self._sample()
+        self._cpu_at_start = (self._own_cpu(), dict(self._cpu_by_pid))
+        return time.perf_counter()
+
+    def cpu_since_start(self) -> float:
+        own_start, children_start = self._cpu_at_start
+        children = sum(cpu - children_start.get(pid, 0.0) for pid, cpu in self._cpu_by_pid.items())
+        return self._own_cpu() - own_start + children
 
     def __enter__(self) -> ProcessSampler:
         self._thread.start()
@@ -154,31 +166,38 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join()
 
+    def _own_cpu(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
+
     def _run(self) -> None:
-        me = psutil.Process()
-        my_cmdline = me.cmdline()
         while not self._stop.wait(0.05):
-            rss = 0
-            for child in me.children(recursive=True):
-                try:
-                    cpu = child.cpu_times()
-                    self._cpu_by_pid[child.pid] = cpu.user + cpu.system
-                    cmdline = child.cmdline()
-                    # Ray titles its worker processes `ray::...`; Pool children are forks with our command line.
-                    if cmdline and (cmdline[0].startswith("ray::") or cmdline == my_cmdline):
-                        rss += child.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.helpers_peak_rss = max(self.helpers_peak_rss, rss)
+            self._sample()
+
+    def _sample(self) -> None:
+        my_cmdline = self._me.cmdline()
+        rss = 0
+        for child in self._me.children(recursive=True):
+            try:
+                cpu = child.cpu_times()
+                self._cpu_by_pid[child.pid] = cpu.user + cpu.system
+                cmdline = child.cmdline()
+                # Ray titles its worker processes `ray::...`; Pool children are forks with our command line.
+                if cmdline and (cmdline[0].startswith("ray::") or cmdline == my_cmdline):
+                    rss += child.memory_info().rss
+            except psutil.Error:
+                continue
+        self.helpers_peak_rss = max(self.helpers_peak_rss, rss)
 
 
 def measure(method: str, corpus: Path, out: Path, workers: int) -> dict:
     """Runs inside a fresh subprocess (see main)."""
+    import cluster.data_pipeline  # noqa: F401  imported before the clock starts, for every method alike
+
     with ProcessSampler() as sampler:
-        result = METHODS[method](corpus, out, workers)
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_s"] = own.ru_utime + own.ru_stime + sampler.descendants_cpu_s
-    result["writer_peak_mb"] = own.ru_maxrss / 1024
+        result = METHODS[method](corpus, out, workers, sampler.start_clock)
+        result["cpu_s"] = sampler.cpu_since_start()
+    result["writer_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["workers_peak_mb"] = sampler.helpers_peak_rss / 2**20
     result["sha256"] = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("*.bin")))).hexdigest()
     return result

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +106,7 @@ GOOD_DOCS = [  # in the order the source must yield them (files sorted by path, 
     "A document inside tags in a sub-folder.\n",
 ]
 MAX_DOC_CHARS = 100
-EXPECTED_PROBLEMS = [  # (problem, where suffix)
+EXPECTED_PROBLEMS = [  # (problem, part of its `where`)
     ("no 'text' value", "a_fineweb_000.parquet row 2"),
     ("not UTF-8", "b_docs.jsonl:2 (byte 13)"),
     ("invalid JSON", "b_docs.jsonl:3 (Expecting property name"),
@@ -403,9 +401,17 @@ def test_shards_are_copied_from_a_uri_to_local_disk(files_run_one_tokenizer, tmp
     assert {p.name: p.stat().st_mtime_ns for p in local.glob("*.bin")} == mtimes
 
 
+def load_job():
+    """jobs/prepare_data.py as a module (jobs/ holds scripts, not a package); run in-process it finds Ray running."""
+    spec = importlib.util.spec_from_file_location("prepare_data_job", PROJECT_ROOT / "jobs" / "prepare_data.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
 @pytest.mark.slow
 def test_the_job_rebuilds_a_damaged_output_from_the_command_line(
-    ray_session, corpus_dir, files_run_one_tokenizer, tmp_path
+    ray_session, corpus_dir, files_run_one_tokenizer, tmp_path, capsys
 ):
     config, _ = files_run_one_tokenizer
     reference = shard_bytes(Path(config.output_dir))
@@ -413,17 +419,21 @@ def test_the_job_rebuilds_a_damaged_output_from_the_command_line(
     first_train = tmp_path / "mixed_train_000000.bin"
     first_train.write_bytes(first_train.read_bytes()[:-2])  # the manifest still matches the settings
 
-    job = [sys.executable, str(PROJECT_ROOT / "jobs" / "prepare_data.py")]
-    assert "--shard-tokens" in subprocess.run([*job, "--help"], capture_output=True, text=True, check=True).stdout
-    args = [*job, "--source", "files", "--input", str(corpus_dir), "--txt-delimiter", "<LOC>...</LOC>",
+    job = load_job()
+    with pytest.raises(SystemExit):
+        job.main(["--help"])
+    assert "--shard-tokens" in capsys.readouterr().out
+    args = ["--source", "files", "--input", str(corpus_dir), "--txt-delimiter", "<LOC>...</LOC>",
             "--max-doc-chars", str(MAX_DOC_CHARS), "--output", str(tmp_path), "--name", "mixed",
             "--shard-tokens", "40", "--val-tokens", "25", "--tokenizers", "1", "--batch-size", "2"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    rebuilt = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert job.main(args) == 0
+    out = capsys.readouterr().out
     assert shard_bytes(tmp_path) == reference
-    assert "skipped documents: 10" in rebuilt.stdout and "tokens/s" in rebuilt.stdout
+    assert "skipped documents: 10" in out and "tokens/s" in out
 
-    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 0 and "already up to date" in again.stdout
-    assert "Ray:" not in again.stdout  # nothing to do, so Ray was not even started
+    assert job.main(args) == 0
+    out = capsys.readouterr().out
+    assert "already up to date" in out and "Ray:" not in out  # nothing to do, so Ray was not even asked
+
+    assert job.main([*args, "--shard-tokens", "50"]) == 1  # other settings, no --overwrite: refused, nothing touched
+    assert "--overwrite" in capsys.readouterr().err and shard_bytes(tmp_path) == reference
