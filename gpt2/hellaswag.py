@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 import tiktoken
 
 from gpt2.config import EOT_TOKEN
+from gpt2.data import file_sha256
 from gpt2.loglikelihood import row_logprobs
 from gpt2.model import GPT
 from gpt2.tokenizer import get_tokenizer
@@ -131,14 +132,6 @@ def load_hellaswag(path: str | os.PathLike, *, limit: int | None = None) -> list
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-on-ray" / "hellaswag"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_hellaswag(

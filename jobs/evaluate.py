@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from cluster.evaluation import ActorPool, EvalSettings, compute_metrics
-from cluster.ray_env import init_ray
 from cluster.models import load_model
+from cluster.ray_env import init_ray
+from gpt2.data import file_sha256
 from gpt2.hellaswag import (
     HELLASWAG_VAL_EXAMPLES,
     METHODS,
@@ -30,7 +31,6 @@ from gpt2.hellaswag import (
     comparison_table,
     default_cache_dir,
     download_hellaswag,
-    file_sha256,
     load_hellaswag,
 )
 from gpt2.perplexity import text_tokens
