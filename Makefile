@@ -4,16 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test bench demo stop clean
+.PHONY: setup browser test bench demo stop clean
 
 # Idempotent: re-installs only when a requirements file changed since the last successful install.
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# The web page's browser test drives Debian's chromium through Playwright (Playwright's own download needs network).
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -15,13 +16,27 @@ torch.set_num_threads(2)
 def ray_session():
     """A local Ray instance for the session, shut down at the end. 4 logical CPUs on 2 cores lets a 2-worker
     Train run and a Data actor pool coexist; tests never assert timings."""
-    import ray
+    from cluster.ray_env import init_ray  # first: the cluster package sets Ray's auth mode before Ray is imported
 
-    from cluster.ray_env import init_ray
+    import ray
 
     init_ray("local", num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite, artifacts in a temporary folder) on a free loopback port; yields its URI."""
+    from cluster.tracking import free_port, start_local_server, stop_server
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = start_local_server(tmp_path_factory.mktemp("mlflow"), uri)
+    yield uri
+    # The server is this process's child: reap it as soon as it exits, or stop_server would see the zombie as a
+    # live member of the group and wait its whole timeout.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    stop_server(proc.pid)
 
 
 @pytest.fixture

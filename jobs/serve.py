@@ -1,0 +1,106 @@
+"""Deploy the GPT-2 Serve application (OpenAI-compatible API + comparison page) onto a Ray cluster, then return.
+
+    python jobs/serve.py                                  # serve/config.yaml onto the running cluster
+    python jobs/serve.py --variant mine=runs/pretrain/x/final --variant base=models:/local/1
+    python jobs/serve.py --blocking                       # stay in the foreground; Ctrl-C removes the application
+
+With no running cluster a local Ray instance is started for this process, which then stays in the foreground
+(the application lives as long as that instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from cluster.ray_env import PROJECT_ROOT, init_ray
+
+
+def load_serve_config(path: Path) -> tuple[dict, dict]:
+    """(the application entry, http_options) from a Serve config file such as serve/config.yaml."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: cannot read serve config {path}: {e}")
+    apps = (doc or {}).get("applications") or []
+    if len(apps) != 1 or "args" not in apps[0]:
+        raise SystemExit(f"error: {path}: expected one application with 'args' (see serve/config.yaml)")
+    return apps[0], dict(doc.get("http_options") or {})
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"--variant takes NAME=SOURCE, got {text!r}")
+    return name, source
+
+
+def wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: the application did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "serve" / "config.yaml", help="Serve config file")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME=SOURCE",
+                   help="add or replace a variant (checkpoint dir, HF dir or MLflow model URI); repeatable")
+    p.add_argument("--only", action="store_true", help="serve only the --variant models, not the config's")
+    p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, else a new local instance)")
+    p.add_argument("--blocking", action="store_true", help="stay in the foreground until Ctrl-C")
+    args = p.parse_args(argv)
+
+    app_entry, http = load_serve_config(args.config)
+    settings = dict(app_entry["args"])
+    variants = {} if args.only else dict(settings.get("variants") or {})
+    variants.update(dict(args.variant))
+    settings["variants"] = variants
+    http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    how = init_ray(args.address)
+    ray_serve.start(http_options=http)
+    name = app_entry.get("name", "gpt2")
+    ray_serve.run(build_app(settings), name=name, route_prefix=app_entry.get("route_prefix", "/"), blocking=False)
+    base = f"http://{http['host']}:{http['port']}"
+    wait_healthy(f"{base}/healthz", timeout=120)
+    print(f"application {name!r} is up with variants {sorted(variants)}")
+    print(f"  web page:   {base}/")
+    print(f"  API:        {base}/v1  (OpenAI-compatible: /v1/completions, /v1/models)")
+    print(f"  example:    curl {base}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{sorted(variants)[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 20}}'")
+    if how == "local" and not args.blocking:
+        print("no running Ray cluster was found, so the application lives in this process: staying in the foreground")
+    if args.blocking or how == "local":
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            ray_serve.delete(name)
+            print(f"application {name!r} removed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Model variants the server offers: a name mapped to a source (checkpoint, Hugging Face dir, MLflow URI) and options.
+
+In serve/config.yaml a variant is either just its source or a mapping:
+
+    variants:
+      pretrained: runs/local/demo/final
+      int8: {source: runs/local/demo/final, quantize: int8, description: "int8 dynamic quantization"}
+      early-exit: {source: runs/local/demo/early-exit}    # a directory holding early_exit.json is served with exits
+
+Relative paths are relative to the project root, so the same config works from `serve run`, `jobs/serve.py` and a
+Ray job whatever their working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cluster.models import is_mlflow_uri, local_model_dir
+from cluster.ray_env import PROJECT_ROOT
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+QUANTIZE = ("none", "int8")
+EARLY_EXIT_FILE = "early_exit.json"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    source: str
+    dtype: str = "auto"  # auto (fast on the device) | fp32 | bf16
+    quantize: str = "none"  # none | int8 (CPU)
+    description: str = ""
+
+    def resolved_source(self) -> str:
+        if is_mlflow_uri(self.source) or Path(self.source).is_absolute():
+            return self.source
+        local = PROJECT_ROOT / self.source
+        # A bare hub name ("gpt2") is not a project path; it resolves through the Hugging Face cache.
+        return str(local) if local.exists() or "/" in self.source else self.source
+
+    def public(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+
+def parse_variants(raw: dict) -> dict[str, VariantSpec]:
+    """Validate the `variants` mapping of the serve config; errors name the variant and the field."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("serve config: 'variants' must map at least one variant name to a model source")
+    specs = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ValueError(f"serve config: variant name {name!r} must be 1-64 letters, digits or . _ : -")
+        if isinstance(value, str):
+            value = {"source": value}
+        if not isinstance(value, dict) or not isinstance(value.get("source"), str) or not value["source"]:
+            raise ValueError(f"serve config: variant {name!r} needs a 'source' (checkpoint path or MLflow URI)")
+        unknown = set(value) - {"source", "dtype", "quantize", "description"}
+        if unknown:
+            raise ValueError(f"serve config: variant {name!r} has unknown field(s) {sorted(unknown)}")
+        spec = VariantSpec(name=name, **value)
+        if spec.quantize not in QUANTIZE:
+            raise ValueError(f"serve config: variant {name!r}: quantize must be one of {QUANTIZE}, got {spec.quantize!r}")
+        if spec.dtype not in ("auto", "fp32", "float32", "bf16", "bfloat16"):
+            raise ValueError(f"serve config: variant {name!r}: dtype must be auto, fp32 or bf16, got {spec.dtype!r}")
+        specs[name] = spec
+    return specs
+
+
+def load_variant(spec: VariantSpec, device: torch.device):
+    """The model for a variant, ready for inference: a GPT, or an EarlyExitGPT when the directory holds a classifier."""
+    from gpt2 import GPT
+    from gpt2.device import parse_dtype
+
+    directory = local_model_dir(spec.resolved_source())
+    dtype = parse_dtype(spec.dtype, device)
+    if (Path(directory) / EARLY_EXIT_FILE).is_file():
+        from gpt2.early_exit import load_early_exit
+
+        model = load_early_exit(directory, device=device, dtype=dtype)
+    else:
+        model = GPT.from_pretrained(directory, device=device, dtype=dtype)  # a directory or a hub name
+    if spec.quantize == "int8":
+        from gpt2.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return model.eval()

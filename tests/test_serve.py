@@ -1,0 +1,289 @@
+"""The Serve application on a real local Ray instance, over real HTTP (httpx and the official openai client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import torch
+
+from gpt2 import GPT, GPTConfig, preset
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _save(directory, config: GPTConfig, seed: int) -> str:
+    torch.manual_seed(seed)
+    GPT(config).save_pretrained(directory)
+    return str(directory)
+
+
+def deploy(settings: dict, name: str, route_prefix: str) -> None:
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    ray_serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ray import serve as ray_serve
+
+    from cluster.tracking import free_port
+
+    root = tmp_path_factory.mktemp("serve")
+    tiny = preset("tiny")
+    variants = {
+        "pretrained": _save(root / "pretrained", tiny, 0),
+        "finetuned": _save(root / "finetuned", tiny, 1),
+        # A wider context, so a long generation can be interrupted mid-way.
+        "long": _save(root / "long", tiny.replace(block_size=1024), 2),
+    }
+    variants["int8"] = {"source": variants["pretrained"], "quantize": "int8"}
+    port = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {"variants": variants, "max_batch": 4, "max_pending": 32, "torch_threads": 1,
+                "model_replica_cpus": 0.5, "limits": {"max_n": 4, "max_body_bytes": 20_000}}
+    deploy(settings, "gpt2-test", "/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the Serve application did not come up"
+        time.sleep(0.5)
+    yield {"base": base, "variants": variants, "root": root}
+    ray_serve.shutdown()
+
+
+def post(server, body, **kw) -> httpx.Response:
+    return httpx.post(f"{server['base']}/v1/completions", json=body, timeout=120, **kw)
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_health_and_page(server):
+    models = httpx.get(f"{server['base']}/v1/models").json()
+    assert {m["id"] for m in models["data"]} == set(server["variants"])
+    assert httpx.get(f"{server['base']}/healthz").json()["status"] == "ok"
+    page = httpx.get(f"{server['base']}/")
+    assert page.status_code == 200 and "/v1/completions" in page.text
+
+
+def test_completion_and_stream_agree(server):
+    body = {"model": "pretrained", "prompt": "Hello world", "max_tokens": 12, "temperature": 0}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    full = r.json()
+    assert full["object"] == "text_completion" and full["model"] == "pretrained"
+    assert full["usage"]["prompt_tokens"] == 2 and full["usage"]["completion_tokens"] <= 12
+    with httpx.stream("POST", f"{server['base']}/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(s)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert events[-2]["usage"] == full["usage"]
+
+
+def test_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list()} == set(server["variants"])
+    out = client.completions.create(model="finetuned", prompt=["One", "Two"], max_tokens=8, n=2, seed=3,
+                                    temperature=0.8)
+    assert len(out.choices) == 4 and [c.index for c in out.choices] == [0, 1, 2, 3]
+    streamed = {}
+    for piece in client.completions.create(model="finetuned", prompt=["One", "Two"], max_tokens=8, n=2, seed=3,
+                                           temperature=0.8, stream=True):
+        for c in piece.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed.get(i, "") for i in range(4)] == [c.text for c in out.choices]
+    int8 = client.completions.create(model="int8", prompt="One", max_tokens=5, temperature=0)
+    assert int8.usage.completion_tokens <= 5
+
+
+def test_stop_strings_and_usage(server):
+    free = post(server, {"model": "pretrained", "prompt": "a", "max_tokens": 30, "temperature": 0}).json()
+    text = free["choices"][0]["text"]
+    if len(text) < 6:
+        pytest.skip("the random model stopped too early to pick a stop string")
+    stop = text[3:5]
+    cut = post(server, {"model": "pretrained", "prompt": "a", "max_tokens": 30, "temperature": 0, "stop": [stop]}).json()
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+        ({"model": "pretrained", "prompt": "x", "max_tokens": "3"}, 422, "max_tokens"),
+        ({"model": "pretrained", "prompt": 7}, 422, "prompt"),
+        ({"model": "pretrained", "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+        ({"model": "pretrained", "prompt": "x", "max_tokens": 500}, 400, "context"),
+        ({"model": "pretrained", "prompt": "word " * 200, "max_tokens": 5}, 400, "context"),
+        ({"model": "pretrained", "prompt": ""}, 400, "empty"),
+        ({"model": "pretrained", "prompt": "x", "n": 9}, 400, "limit"),
+        ({"model": "pretrained", "prompt": "x", "logprobs": 2}, 400, "not supported"),
+        ({"model": "pretrained", "prompt": "x" * 30_000}, 413, "exceeds"),
+    ],
+)
+def test_bad_requests_get_clear_errors(server, body, status, fragment):
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"]
+
+
+def test_malformed_json_and_server_still_up(server):
+    r = httpx.post(f"{server['base']}/v1/completions", content=b'{"model": "pretrained", "prompt": ',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert post(server, {"model": "pretrained", "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_seeded_request_same_alone_and_in_a_batch(server):
+    body = {"model": "finetuned", "prompt": "The cat", "max_tokens": 16, "temperature": 1.0, "top_k": 50, "seed": 42}
+    alone = post(server, body).json()["choices"][0]["text"]
+
+    async def crowd():
+        async with httpx.AsyncClient(timeout=120) as client:
+            others = [{**body, "seed": s, "prompt": f"Other prompt {s}"} for s in range(6)]
+            tasks = [client.post(f"{server['base']}/v1/completions", json=b) for b in others[:3]]
+            tasks.append(client.post(f"{server['base']}/v1/completions", json=body))
+            tasks += [client.post(f"{server['base']}/v1/completions", json=b) for b in others[3:]]
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(crowd())
+    assert all(r.status_code == 200 for r in responses)
+    assert responses[3].json()["choices"][0]["text"] == alone
+
+
+def test_client_disconnect_cancels_generation(server):
+    def cancelled() -> int:
+        stats = httpx.get(f"{server['base']}/v1/stats").json()
+        return stats.get("long", {}).get("finished_by_reason", {}).get("cancelled", 0)
+
+    before = cancelled()
+    body = {"model": "long", "prompt": "x", "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server['base']}/v1/completions", json=body, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk received, then the client goes away
+    deadline = time.monotonic() + 30
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "the abandoned generation was not cancelled"
+        time.sleep(0.2)
+    assert httpx.get(f"{server['base']}/v1/stats").json()["long"]["active"] == 0
+
+
+def test_bounded_load(server):
+    """200 requests at concurrency 8: no 5xx, every response a valid completion."""
+
+    async def load():
+        sem = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i):
+                async with sem:
+                    body = {"model": ["pretrained", "finetuned"][i % 2], "prompt": f"Request {i}", "max_tokens": 8,
+                            "temperature": 0.7, "seed": i}
+                    return await client.post(f"{server['base']}/v1/completions", json=body)
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    responses = asyncio.run(load())
+    assert [r.status_code for r in responses] == [200] * 200
+    for r in responses:
+        body = r.json()
+        assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] <= 8
+
+
+def test_overload_answers_503(server):
+    """A deliberately tight application: one decoding row, no waiting room, one queued request per caller."""
+    tight = {"variants": {"pretrained": server["variants"]["long"]}, "max_batch": 1, "max_pending": 0,
+             "max_queued_requests": 1, "torch_threads": 1, "model_replica_cpus": 0.5}
+    deploy(tight, "gpt2-tight", "/tight")
+    url = f"{server['base']}/tight/v1/completions"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server['base']}/tight/healthz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": "pretrained", "prompt": "x", "max_tokens": 200, "temperature": 0}
+            return await asyncio.gather(*(client.post(url, json=body) for _ in range(8)))
+
+    try:
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert "busy" in r.json()["error"]["message"]
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.delete("gpt2-tight")
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_web_page_compares_two_variants(server):
+    """Headless Chromium loads the page, runs one prompt on two variants, and both columns fill with text."""
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs the Debian chromium package")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server["base"] + "/")
+            page.wait_for_selector("input[name=variant]")
+            for box in page.query_selector_all("input[name=variant]"):
+                box.set_checked(box.get_attribute("value") in ("pretrained", "finetuned"))
+            page.fill("#prompt", "The history of")
+            page.fill("#max_tokens", "12")
+            page.click("#go")
+            page.wait_for_function(
+                "document.querySelectorAll('.column[data-done]').length === 2", timeout=60_000
+            )
+            columns = page.query_selector_all(".column")
+            assert sorted(c.get_attribute("data-variant") for c in columns) == ["finetuned", "pretrained"]
+            for column in columns:
+                assert column.get_attribute("data-done") == "true", column.inner_text()
+                assert column.query_selector(".text").inner_text().strip()
+                assert "tokens/s" in column.query_selector(".stats").inner_text()
+            # An error reaches the user: a prompt too long for the tiny models' context.
+            page.fill("#prompt", "word " * 300)
+            page.click("#go")
+            page.wait_for_function("document.querySelectorAll('.column[data-done=error]').length === 2", timeout=60_000)
+            assert "context" in page.query_selector(".column .error").inner_text()
+        finally:
+            browser.close()
