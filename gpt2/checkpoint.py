@@ -41,11 +41,13 @@ class CheckpointError(ValueError):
 
 def hf_config_dict(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
     """config.json content: the Hugging Face GPT-2 schema plus this project's fields."""
-    post_ln = config.norm == "post"
+    post_ln, pruned = config.norm == "post", config.n_head_per_layer is not None
+    # transformers has no Post-LN GPT-2, and 5.x dropped `pruned_heads` (per-layer head counts); a distinct type
+    # makes it refuse such a model instead of running it wrong.
+    variant = ("PostLN" if post_ln else "") + ("PrunedHeads" if pruned else "")
     return {
-        # transformers has no Post-LN GPT-2; a distinct type makes it refuse such a model instead of running it wrong.
-        "architectures": ["GPT2PostLNLMHeadModel" if post_ln else "GPT2LMHeadModel"],
-        "model_type": "gpt2-post-ln" if post_ln else "gpt2",
+        "architectures": [f"GPT2{variant}LMHeadModel"],
+        "model_type": "gpt2" + ("-post-ln" if post_ln else "") + ("-pruned-heads" if pruned else ""),
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
         "n_ctx": config.block_size,
@@ -68,6 +70,7 @@ def hf_config_dict(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dic
             "norm": config.norm,
             "bias": config.bias,
             "vocab_pad_multiple": config.vocab_pad_multiple,
+            "n_head_per_layer": list(config.n_head_per_layer) if pruned else None,
         },
     }
 
@@ -103,6 +106,7 @@ def config_from_hf_dict(d: dict, source: str = CONFIG_FILE) -> GPTConfig:
             tie_embeddings=d.get("tie_word_embeddings", True),
             vocab_pad_multiple=project.get("vocab_pad_multiple", 1),
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            n_head_per_layer=project.get("n_head_per_layer"),
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from e

@@ -24,8 +24,16 @@ class GPTConfig:
     # Padded rows are never looked up, never sampled and never part of the loss: logits are cut to vocab_size.
     vocab_pad_multiple: int = 1
     layer_norm_epsilon: float = 1e-5
+    # Heads kept in each layer after structured pruning (gpt2.prune); None means n_head everywhere. head_dim stays
+    # n_embd // n_head. Every layer keeps at least one head: an attention sub-layer without heads would need special
+    # cases in the model for what is better done by removing the sub-layer. A tuple that keeps every head is
+    # stored as None, so an unpruned config has one spelling.
+    n_head_per_layer: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.n_head_per_layer, (list, tuple)):  # config.json gives a list
+            heads = tuple(self.n_head_per_layer)
+            object.__setattr__(self, "n_head_per_layer", None if heads == (self.n_head,) * self.n_layer else heads)
         checks = {
             "vocab_size": self.vocab_size > 0,
             "block_size": self.block_size > 0,
@@ -35,12 +43,19 @@ class GPTConfig:
             "dropout": 0.0 <= self.dropout < 1.0,
             "norm": self.norm in ("pre", "post"),
             "vocab_pad_multiple": self.vocab_pad_multiple >= 1,
+            "n_head_per_layer": self.n_head_per_layer is None
+            or (
+                isinstance(self.n_head_per_layer, tuple)
+                and len(self.n_head_per_layer) == self.n_layer
+                and all(isinstance(h, int) and 0 < h <= self.n_head for h in self.n_head_per_layer)
+            ),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"invalid GPTConfig field(s) {bad}: {self}"
-                " (n_embd must be divisible by n_head; norm is 'pre' or 'post')"
+                " (n_embd must be divisible by n_head; norm is 'pre' or 'post';"
+                " n_head_per_layer has n_layer entries, each in [1, n_head])"
             )
 
     @property
@@ -51,6 +66,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def heads_in_layer(self, layer: int) -> int:
+        """Attention heads in block `layer` (fewer than n_head once heads are pruned)."""
+        if not 0 <= layer < self.n_layer:
+            raise IndexError(f"layer {layer} does not exist; the model has {self.n_layer} layers")
+        return self.n_head if self.n_head_per_layer is None else self.n_head_per_layer[layer]
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

@@ -8,6 +8,8 @@ positions and attention is masked per row, so a row never sees another row's sta
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -16,16 +18,20 @@ class KVCache:
         self,
         n_layer: int,
         batch_size: int,
-        n_head: int,
+        n_head: int | Sequence[int],
         max_len: int,
         head_dim: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # One head count for every layer, or one per layer (a model with pruned heads).
+        heads = [n_head] * n_layer if isinstance(n_head, int) else list(n_head)
+        if len(heads) != n_layer:
+            raise ValueError(f"n_head has {len(heads)} per-layer entries for {n_layer} layers")
+        shapes = [(batch_size, h, max_len, head_dim) for h in heads]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self._positions: torch.Tensor | None = None
@@ -76,6 +82,25 @@ class KVCache:
         self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
         self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, : self._used], self.v[layer][:, :, : self._used], self._mask
+
+    def store_rows(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Like `update`, for the subset `rows` (1-D index into the batch) only: store their new k, v (R, nh, T, hs).
+
+        For layers that some rows of a pass skip (early exit): the other rows' slots at this layer are left alone.
+        """
+        positions = self._positions[rows]  # (R, T)
+        # Advanced indices around a slice put the indexed dims first: the target is (R, T, nh, hs).
+        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
+
+    def update_rows(
+        self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`store_rows`, then those rows' keys, values (R, nh, used, hs) and mask (R, 1, T, used), as `update` returns."""
+        self.store_rows(layer, rows, k, v)
+        keys = self.k[layer][:, :, : self._used].index_select(0, rows)
+        values = self.v[layer][:, :, : self._used].index_select(0, rows)
+        return keys, values, self._mask.index_select(0, rows)
 
     def end(self, T: int) -> None:
         self.lengths += T

@@ -17,28 +17,32 @@ from gpt2.kv_cache import KVCache
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # Pruning (gpt2.prune) removes whole heads, so a layer may have fewer than n_head heads of the usual size.
+        self.n_head = config.heads_in_layer(layer)
+        self.head_dim = config.head_dim
+        width = self.n_head * self.head_dim  # n_embd unless heads were pruned
+        self.c_attn = nn.Linear(config.n_embd, 3 * width, bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.c_proj.residual_init = True
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        width = self.n_head * self.head_dim
+        q, k, v = self.c_attn(x).split(width, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             k, v, mask = cache.update(layer, k, v)  # (B, nh, L, hs), mask (B, 1, T, L)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, width)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -56,11 +60,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.pre_norm = config.norm == "pre"
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -82,7 +86,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
@@ -156,8 +160,9 @@ class GPT(nn.Module):
         """An empty cache sized for this model, in the dtype and on the device of its weights."""
         c = self.config
         weight = self.transformer.wte.weight
+        heads = c.n_head_per_layer or c.n_head
         return KVCache(
-            c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.head_dim, dtype=weight.dtype, device=weight.device
+            c.n_layer, batch_size, heads, max_len or c.block_size, c.head_dim, dtype=weight.dtype, device=weight.device
         )
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -174,10 +179,12 @@ class GPT(nn.Module):
         """Training FLOPs (forward + backward) per token: 6 per parameter plus attention's 12·L·C·T (PaLM, app. B).
 
         Forward alone is a third of this. Used for MFU = flops_per_token × tokens/s ÷ peak FLOP/s.
+        With pruned heads L·C becomes the summed attention width of the layers (their heads × head_dim).
         """
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        attention_width = sum(c.heads_in_layer(layer) for layer in range(c.n_layer)) * c.head_dim  # L·C unpruned
+        return 6 * self.num_params() + 12 * attention_width * T
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "GPT":
