@@ -53,7 +53,19 @@ def log_checkpoint_model(uri: str, run_id: str, model_dir: str | Path, registere
 
 
 def checkpoint_dir_of(downloaded: str | Path) -> Path:
-    """The checkpoint directory inside a downloaded MLflow model, or the directory itself for a plain checkpoint."""
+    """The checkpoint directory inside a downloaded MLflow model, or the directory itself for a plain checkpoint.
+
+    MLflow copies an artifact directory under its own base name (artifacts/final for a run's final/), so the
+    path is read from the MLmodel file rather than assumed.
+    """
+    import yaml
+
     downloaded = Path(downloaded)
-    inner = downloaded / "artifacts" / CHECKPOINT_ARTIFACT
-    return inner if (downloaded / "MLmodel").exists() and inner.is_dir() else downloaded
+    mlmodel = downloaded / "MLmodel"
+    if not mlmodel.exists():
+        return downloaded
+    artifacts = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    relative = artifacts.get(CHECKPOINT_ARTIFACT, {}).get("path")
+    if relative is None:
+        raise ValueError(f"{mlmodel}: not a model logged by this project (no '{CHECKPOINT_ARTIFACT}' artifact)")
+    return downloaded / relative

@@ -41,3 +41,31 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: 
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def plot_pieces_per_word(stats: list, out_png: str | Path, title: str = "") -> Path:
+    """Tokenizer efficiency (gpt2.tokenizer_stats.EncodingStats, one per encoding): the share of words cut into
+    1, 2, ... pieces as grouped bars, and tokens per word beside it."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    bins = list(stats[0].pieces_distribution())
+    width = 0.8 / len(stats)
+    for i, s in enumerate(stats):
+        distribution, total = s.pieces_distribution(), s.word_occurrences or 1
+        positions = [b + (i - (len(stats) - 1) / 2) * width for b in range(len(bins))]
+        left.bar(positions, [100 * distribution[b] / total for b in bins], width, label=s.name)
+    left.set_xticks(range(len(bins)), bins)
+    left.set_xlabel("tokens per word")
+    left.set_ylabel("share of word occurrences (%)")
+    left.set_yscale("log")  # the 1-piece bar dwarfs the tail, which is what differs between encodings
+    left.set_title(f"pieces per word: {title}" if title else "pieces per word")
+    left.legend()
+    left.grid(alpha=0.3, axis="y")
+    right.bar([s.name for s in stats], [s.tokens_per_word for s in stats], color="tab:gray")
+    right.set_ylabel("tokens per whitespace word")
+    right.tick_params(axis="x", rotation=30)
+    right.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

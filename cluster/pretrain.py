@@ -29,6 +29,7 @@ from gpt2 import GPT, get_tokenizer
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, peak_flops
 from gpt2.hellaswag import HellaSwagExample, download_hellaswag, evaluate_hellaswag, load_hellaswag
+from gpt2.model_card import render_model_card, shards_description, write_model_card
 from gpt2.train import (
     autocast_context,
     autocast_dtype,
@@ -130,7 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
         val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
         loss = evaluate_loss(model, iter(val), cfg.eval.val_batches, device=device, autocast=autocast)
         if logger and loss < state["best_val_loss"]:
-            model.save_pretrained(str(run_dir / "best"))
+            card = _card_fields(model, cfg, step, {"val_loss": loss}, world)
+            model.save_pretrained(str(run_dir / "best"), extra=lambda d: write_model_card(d, model.config, **card))
         state["best_val_loss"] = min(state["best_val_loss"], loss)
         return loss
 
@@ -163,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     final = {"val_loss": validate(cfg.train.max_steps), **(hellaswag_metrics() if hellaswag else {})}
     if logger:
         logger.log_metrics(final, cfg.train.max_steps)
-        _finish(model, cfg, logger, run_dir)
+        _finish(model, cfg, logger, run_dir, _card_fields(model, cfg, cfg.train.max_steps, final, world))
 
 
 def _hellaswag_examples(cfg: PretrainConfig) -> list[HellaSwagExample] | None:
@@ -180,16 +182,43 @@ def _samples(model: GPT, cfg: PretrainConfig) -> str:
     return "\n\n".join(f"{p}{enc.decode(o)}" for p, o in zip(cfg.eval.sample_prompts, outs)) + "\n"
 
 
-def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path) -> None:
-    """Rank 0 after the last step: the final model directory, the loss plot, the registered MLflow model."""
+def _card_fields(model: GPT, cfg: PretrainConfig, step: int, evaluation: dict[str, float], world: int) -> dict:
+    """render_model_card's arguments for the model after `step` updates, from what the run recorded."""
+    examples = f"first {cfg.eval.hellaswag_limit} examples" if cfg.eval.hellaswag_limit else "all 10,042 examples"
+    return {
+        "params": model.num_params(),
+        "name": cfg.run.name,
+        "training": {
+            "data": shards_description(cfg.data.shards),
+            "tokens_seen": step * cfg.train.total_batch_tokens,
+            "optimizer_steps": step,
+            "hardware": f"{world} {'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s), Ray Train DDP",
+            "run": f"{cfg.run.experiment}/{cfg.run.name} (MLflow experiment/run name)",
+        },
+        "recipe": to_dict(cfg.train),
+        "evaluation": evaluation,
+        "methods": {
+            "val_loss": f"mean next-token cross-entropy (nats per token) on {cfg.eval.val_batches} batches of"
+            f" {cfg.train.micro_batch} × {cfg.train.seq_len} tokens on each of {world} worker(s), from the validation"
+            " shard",
+            "hellaswag_acc": f"HellaSwag validation, {examples}, completion-style: lowest summed loss of the ending",
+            "hellaswag_acc_norm": f"HellaSwag validation, {examples}, completion-style: lowest mean loss per ending token",
+        },
+    }
+
+
+def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path, card: dict) -> None:
+    """Rank 0 after the last step: the final model directory with its card, the loss plot, the registered MLflow
+    model (the card is in its files, and in the run's artifacts as README.md)."""
     from cluster.plots import plot_training_curves
 
     final = run_dir / "final"
-    model.save_pretrained(str(final))
+    model.save_pretrained(str(final), extra=lambda d: write_model_card(d, model.config, **card))
     logger.flush(force=True)  # deliver anything held back while the server was unreachable before the artifacts
     png = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=cfg.run.name)
     logger.log_artifact(png)
     logger.log_artifact(run_dir / "metrics.jsonl")
+    logger.log_text(render_model_card(model.config, **card), "README.md")
     logger.log_model(final, registered_name=cfg.run.name)
     logger.close()
 

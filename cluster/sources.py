@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
+from gpt2.text_documents import parse_delimiter, split_txt
+
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
@@ -63,12 +65,12 @@ class SourceSpec:
             raise ValueError("the 'files' source needs at least one input file or folder")
         if self.kind == "python-docs" and self.inputs:
             raise ValueError("the 'python-docs' source is built in and takes no inputs")
-        if self.txt_delimiter == "" or self.max_doc_chars <= 0:
-            raise ValueError("txt_delimiter must be non-empty (or None) and max_doc_chars positive")
-        if self.txt_delimiter and "..." in self.txt_delimiter:
-            start, _, end = self.txt_delimiter.partition("...")
-            if not start or not end:
-                raise ValueError(f"txt_delimiter {self.txt_delimiter!r}: give both tags, as in '<LOC>...</LOC>'")
+        if self.max_doc_chars <= 0:
+            raise ValueError(f"max_doc_chars must be positive, got {self.max_doc_chars}")
+        try:
+            parse_delimiter(self.txt_delimiter)
+        except ValueError as e:
+            raise ValueError(f"txt_delimiter: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,7 @@ def read_documents(
     running at once (default: as many as the CPUs allow)."""
     spec = source.spec
     if spec.kind == "python-docs":
-        rows = _DocumentRows(spec.max_doc_chars, rows_per_block)
-        tables = []
-        for doc in _python_docs_documents():
-            tables += rows.add(doc.text, doc.source)
-        tables += rows.flush()
-        return ray.data.from_arrow(tables)
+        return ray.data.from_arrow(list(_python_docs_tables(spec, rows_per_block)))
     datasource = _DocumentFiles(
         [path for path, _, _ in source.files],
         filesystem=source.filesystem,
@@ -184,6 +181,31 @@ def read_documents(
     return ray.data.read_datasource(
         datasource, num_cpus=READ_TASK_CPUS, compute=ray.data.TaskPoolStrategy(size=concurrent_reads)
     )
+
+
+def iter_documents(source: ResolvedSource, *, rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[pa.Table]:
+    """The same `{text, problem, where}` tables as `read_documents`, in the same order, read file after file in
+    this process without Ray: for tools that look at a source (often only its first documents) instead of
+    processing all of it."""
+    spec = source.spec
+    if spec.kind == "python-docs":
+        yield from _python_docs_tables(spec, rows_per_block)
+        return
+    reader = _DocumentReader(spec, rows_per_block)
+    for path, _, _ in source.files:
+        if file_format(path) == "parquet":
+            opened = source.filesystem.open_input_file(path)  # parquet needs random access to read its footer
+        else:
+            opened = source.filesystem.open_input_stream(path, compression="detect")  # by suffix, as Ray does
+        with opened as f:
+            yield from reader.read(f, path)
+
+
+def _python_docs_tables(spec: SourceSpec, rows_per_block: int) -> Iterator[pa.Table]:
+    rows = _DocumentRows(spec.max_doc_chars, rows_per_block)
+    for doc in _python_docs_documents():
+        yield from rows.add(doc.text, doc.source)
+    yield from rows.flush()
 
 
 def _python_docs_documents() -> tuple:
@@ -230,8 +252,7 @@ class _DocumentFiles(FileBasedDatasource):
 
     def __init__(self, paths: list[str], *, filesystem: pafs.FileSystem, spec: SourceSpec, rows_per_block: int):
         super().__init__(paths, filesystem=filesystem)
-        self._spec = spec
-        self._rows_per_block = rows_per_block
+        self._reader = _DocumentReader(spec, rows_per_block)
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
         if file_format(path) == "parquet":
@@ -239,6 +260,17 @@ class _DocumentFiles(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        yield from self._reader.read(f, path)
+
+
+class _DocumentReader:
+    """One open .parquet, .jsonl or .txt file as document tables: shared by the Ray datasource and iter_documents."""
+
+    def __init__(self, spec: SourceSpec, rows_per_block: int) -> None:
+        self._spec = spec
+        self._rows_per_block = rows_per_block
+
+    def read(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         rows = _DocumentRows(self._spec.max_doc_chars, self._rows_per_block)
         read = {"parquet": self._parquet, "jsonl": self._jsonl, "txt": self._txt}[file_format(path)]
         yield from read(f, path, rows)
@@ -289,7 +321,7 @@ class _DocumentFiles(FileBasedDatasource):
 
     def _txt(self, f: pa.NativeFile, path: str, rows: _DocumentRows) -> Iterator[pa.Table]:
         data = f.readall()  # a .txt file is read whole; use .jsonl or .parquet for very large corpora
-        for piece, line_number, problem in _split_txt(data, self._spec.txt_delimiter):
+        for piece, line_number, problem in split_txt(data, self._spec.txt_delimiter):
             where = f"{path}:{line_number}"
             if problem:
                 yield from rows.add_problem(problem, where)
@@ -321,46 +353,3 @@ def _lines(f: pa.NativeFile, chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, 
             yield line_number, line
     if rest:
         yield line_number + 1, rest
-
-
-def _split_txt(data: bytes, delimiter: str | None) -> Iterator[tuple[bytes, int, str | None]]:
-    """(document bytes, line where it starts, problem or None) for one .txt file."""
-    if delimiter is None:
-        yield data, 1, None
-        return
-    if "..." not in delimiter:
-        separator = delimiter.encode("utf-8")
-        line = 1
-        for piece in data.split(separator):
-            yield piece, line, None
-            line += piece.count(b"\n") + separator.count(b"\n")
-        return
-    start_tag, _, end_tag = (t.encode("utf-8") for t in delimiter.partition("..."))
-    lines = _LineCounter(data)
-    position = 0
-    while True:
-        start = data.find(start_tag, position)
-        outside = data[position : start if start >= 0 else len(data)]
-        if outside.strip():
-            first_visible = position + len(outside) - len(outside.lstrip())
-            yield b"", lines.at(first_visible), f"text outside {delimiter}"
-        if start < 0:
-            return
-        end = data.find(end_tag, start + len(start_tag))
-        if end < 0:
-            yield b"", lines.at(start), f"{start_tag.decode()} without {end_tag.decode()}"
-            return
-        yield data[start + len(start_tag) : end], lines.at(start), None
-        position = end + len(end_tag)
-
-
-class _LineCounter:
-    """Line numbers of increasing byte offsets, counting each newline once (not O(n) per lookup)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._offset, self._line = data, 0, 1
-
-    def at(self, offset: int) -> int:
-        self._line += self._data.count(b"\n", self._offset, offset)
-        self._offset = offset
-        return self._line

@@ -237,6 +237,27 @@ class RunLogger:
                 self._offline(e)
 
 
+def run_tags(run_name: str, num_workers: int, use_gpu: bool) -> dict[str, str]:
+    """Tags every training run carries: the code version, the Ray job, the hardware."""
+    import platform
+
+    import ray
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "git_commit": commit,
+        "ray_job_id": ray.get_runtime_context().get_job_id() if ray.is_initialized() else "",
+        "run_name": run_name,
+        "hardware": f"{num_workers}x {'GPU' if use_gpu else 'CPU'} ({platform.machine()})",
+    }
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The run's metrics.jsonl; a step logged again after a resume replaces the earlier record of that step."""
     path = Path(run_dir) / "metrics.jsonl"

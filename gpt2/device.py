@@ -30,7 +30,10 @@ def cpu_has_fast_bf16() -> bool:
 def pick_device(requested: str | None = None) -> torch.device:
     """`requested` ("cuda", "cuda:1", "mps", "cpu") when given and available, else the best available device."""
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:  # torch's message lists every backend it knows; only three are supported here
+            raise ValueError(f"--device {requested}: choose cuda, mps or cpu") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {requested}: CUDA is not available on this machine")
         if device.type == "mps" and not torch.backends.mps.is_available():
@@ -55,6 +58,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype named on a command line ("auto" or None: `default_dtype(device)`)."""
     if name in (None, "auto"):
         return default_dtype(device)
     if name not in DTYPES:
@@ -62,7 +66,14 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def choose(device: str | None = None, dtype: str | None = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device and dtype for the `--device`/`--dtype` flags of a job that runs a model outside Ray Train."""
+    chosen = pick_device(device)
+    return chosen, parse_dtype(dtype, chosen)
+
+
 def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """One line for a job to print, e.g. "device cpu (x86_64, 2 threads), dtype float32"."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     elif device.type == "mps":

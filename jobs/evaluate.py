@@ -1,11 +1,11 @@
 """Evaluate one or several GPT-2 models: HellaSwag (both scoring methods) and sliding-window perplexity on text files.
 
     python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model /models/openai-gpt2 \\
-        --hellaswag data/hellaswag_val.jsonl --text data/wiki.test.raw --output runs/evaluate/results.json
+        --hellaswag data/hellaswag_val.jsonl --dataset wikitext-2 --output runs/evaluate/results.json
 
 Scoring runs on a Ray Data actor pool (--actors, one model copy per actor, GPU actors when the cluster has GPUs),
-or in this process with --actors 0. Writes a JSON results file and prints a comparison table next to the published
-baselines.
+or in this process with --actors 0 (on --device, default CUDA, then Apple MPS, then CPU). Writes a JSON results
+file and prints a comparison table next to the published baselines.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import ray
 import torch
 
 from cluster.evaluation import ActorPool, EvalSettings, compute_metrics
 from cluster.models import load_model
 from cluster.ray_env import init_ray
 from gpt2.data import file_sha256
+from gpt2.device import choose, describe, parse_dtype
 from gpt2.hellaswag import (
     HELLASWAG_VAL_EXAMPLES,
     METHODS,
@@ -34,6 +36,9 @@ from gpt2.hellaswag import (
     load_hellaswag,
 )
 from gpt2.perplexity import text_tokens
+from gpt2.wikitext import WikiTextError, wikitext2_text
+
+DATASETS = ("wikitext-2",)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--limit", type=int, metavar="N", help="only the first N HellaSwag examples")
     data.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="HellaSwag scoring methods")
     data.add_argument("--text", action="append", default=[], type=Path, metavar="FILE",
-                      help="a UTF-8 text file to measure perplexity on (e.g. WikiText-2's wiki.test.raw); repeatable")
+                      help="a UTF-8 text file to measure perplexity on; repeatable")
+    data.add_argument("--dataset", action="append", default=[], choices=DATASETS,
+                      help="a standard text to measure perplexity on: wikitext-2 is the wikitext-2-raw-v1 test split "
+                           "(from --wikitext-dir, else the Hugging Face cache or hub)")
+    data.add_argument("--wikitext-dir", type=Path, metavar="DIR",
+                      help="a local WikiText-2 copy: a folder with wiki.test.raw (the original release) or the hub's "
+                           "test-*.parquet (directly or in wikitext-2-raw-v1/)")
     data.add_argument("--context-length", type=int, metavar="N",
                       help="perplexity window in tokens (default: the model's context)")
     data.add_argument("--stride", type=int, metavar="N", help="perplexity window step (default: half the window)")
@@ -64,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="HellaSwag examples per forward pass (default 8)")
     compute.add_argument("--window-batch-size", type=int, default=4, metavar="N",
                          help="perplexity windows per forward pass (default 4)")
+    compute.add_argument("--device", help="cuda, cuda:N, mps or cpu for --actors 0 (default: the best available)")
+    compute.add_argument("--dtype", default="auto",
+                         help="float32, bfloat16 or auto (default: bf16 where the scoring device computes it natively)")
     compute.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, or a new local instance)")
     parser.add_argument("--output", type=Path, metavar="PATH",
                         help="results JSON (default runs/evaluate/<UTC time>/results.json)")
@@ -74,16 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in ("limit", "context_length", "stride", "cpus_per_actor", "batch_size", "window_batch_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
-    if args.no_hellaswag and not args.text:
-        parser.error("nothing to evaluate: --no-hellaswag without --text")
-    names = [path.name for path in args.text]
+    if args.no_hellaswag and not (args.text or args.dataset):
+        parser.error("nothing to evaluate: --no-hellaswag without --text or --dataset")
+    if args.wikitext_dir and "wikitext-2" not in args.dataset:
+        parser.error("--wikitext-dir is only read with --dataset wikitext-2")
+    if args.device and args.actors:
+        parser.error("--device chooses where --actors 0 scores; actors use --gpu/--no-gpu")
+    names = [path.name for path in args.text] + args.dataset
     if len(set(names)) != len(names):
-        parser.error(f"--text files need distinct names (their metrics are keyed by name): {names}")
+        parser.error(f"--text files and --dataset names must be distinct (their metrics are keyed by name): {names}")
     return args
 
 
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    pool = ActorPool(args.actors, args.cpus_per_actor, args.gpu) if args.actors else None
+def settings_from_args(args: argparse.Namespace, use_gpu: bool | None = None) -> EvalSettings:
+    pool = ActorPool(args.actors, args.cpus_per_actor, use_gpu) if args.actors else None
     return EvalSettings(
         methods=tuple(args.methods),
         hellaswag_batch_size=args.batch_size,
@@ -105,9 +123,25 @@ def perplexity_table(models: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def scoring_place(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, bool | None]:
+    """Where the model is loaded, its dtype, and whether pool actors use GPUs (None without a pool).
+
+    With a pool the model is loaded on the CPU and shipped to the actors; --dtype auto follows the actors' device.
+    """
+    if not args.actors:
+        device, dtype = choose(args.device, args.dtype)
+        print(f"scoring in this process on {describe(device, dtype)}")
+        return device, dtype, None
+    init_ray(args.address)
+    use_gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    dtype = parse_dtype(args.dtype, torch.device("cuda" if use_gpu else "cpu"))
+    where = "GPU" if use_gpu else "CPU"
+    print(f"scoring on {args.actors} Ray Data actors ({where}), dtype {str(dtype).removeprefix('torch.')}")
+    return torch.device("cpu"), dtype, use_gpu
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = settings_from_args(args)
     started_at = datetime.now(timezone.utc)
     output = args.output or Path("runs/evaluate") / started_at.strftime("%Y%m%d-%H%M%S") / "results.json"
 
@@ -123,15 +157,29 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.text:
         texts[path.name] = text_tokens(path.read_text(encoding="utf-8"))
         results["data"][f"text/{path.name}"] = {"path": str(path), "tokens": len(texts[path.name]) - 1}
-    results["settings"] = {**dataclasses.asdict(settings), "torch_threads": torch.get_num_threads()}
+    if "wikitext-2" in args.dataset:
+        try:
+            texts["wikitext-2"] = text_tokens(wikitext2_text("test", args.wikitext_dir))
+        except WikiTextError as e:
+            sys.exit(f"error: {e}")
+        where = str(args.wikitext_dir) if args.wikitext_dir else "Hugging Face hub/cache"
+        results["data"]["text/wikitext-2"] = {"path": where, "split": "test", "tokens": len(texts["wikitext-2"]) - 1}
 
-    if settings.pool is not None:
-        init_ray(args.address)
-    # Actors place their own copies; the copy loaded here is only scored when there is no pool.
-    device = "cuda" if settings.pool is None and torch.cuda.is_available() else "cpu"
+    try:
+        device, dtype, use_gpu = scoring_place(args)
+    except ValueError as e:  # a device that is not here, an unknown dtype
+        sys.exit(f"error: {e}")
+    settings = settings_from_args(args, use_gpu)
+    results["settings"] = {
+        **dataclasses.asdict(settings),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
+
     for spec in args.model:
         try:
-            model = load_model(spec, device=device)
+            model = load_model(spec, device=device, dtype=dtype)
         except ValueError as e:  # a missing/corrupt directory, an unknown hub name, an unreachable MLflow model
             sys.exit(f"error: {e}")
         started = time.perf_counter()

@@ -1,5 +1,11 @@
-"""Generate text from a GPT-2 model: any checkpoint of this project, a Hugging Face GPT-2 directory, or an MLflow
-model URI. Prompts come from --prompt, a file, or stdin (--prompts-file -)."""
+"""Generate text from a GPT-2 model: any checkpoint of this project, a Hugging Face GPT-2 directory or hub name, or an
+MLflow model URI. Prompts come from --prompt, a file, or stdin (--prompts-file -).
+
+    python jobs/generate.py --model runs/pretrain/local/final --prompt "The Python standard library" \\
+        --max-tokens 300 --num-samples 5 --temperature 0.9 --top-k 50 --seed 0
+
+The device and dtype it runs on are printed first (to stderr, so stdout holds only the samples).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,13 @@ import torch
 
 from cluster.models import load_model
 from gpt2 import GPT, get_tokenizer, preset
-from gpt2.device import describe, parse_dtype, pick_device
+from gpt2.device import choose, describe
 from gpt2.generate import SamplingParams
 from gpt2.tokenizer import IncrementalDecoder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint dir, Hugging Face dir or name (gpt2), or MLflow URI (models:/NAME/1)")
     src.add_argument("--preset", help="a freshly initialised model of this preset (tiny, small, gpt2, ...)")
@@ -30,13 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (default: fast on the device)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: CUDA, then Apple MPS, then CPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or auto (default: bf16 where the device computes it natively, else fp32)")
     args = p.parse_args(argv)
     if args.prompts_file:
-        stream = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
-        with stream:
-            args.prompt += [line.rstrip("\n") for line in stream if line.strip()]
+        try:
+            args.prompt += read_prompts(args.prompts_file)
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompts-file {args.prompts_file}: {e}")
     if not args.prompt:
         p.error("no prompt: give --prompt TEXT or --prompts-file FILE")
     if args.num_samples < 1 or args.max_tokens < 1:
@@ -48,12 +56,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-blank line of `path` ("-": stdin)."""
+    if path == "-":
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    try:
+        device, dtype = choose(args.device, args.dtype)
+    except ValueError as e:  # a device that is not on this machine, an unknown dtype
+        sys.exit(f"error: {e}")
     if args.model:
-        model = load_model(args.model, device=device, dtype=dtype)
+        try:
+            model = load_model(args.model, device=device, dtype=dtype)
+        except ValueError as e:  # a missing/corrupt directory, an unknown hub name, an unreachable MLflow model
+            sys.exit(f"error: {e}")
     else:
         if args.seed is not None:
             torch.manual_seed(args.seed)

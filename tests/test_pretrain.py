@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from cluster.config import load
 from cluster.pretrain import run_pretraining
 from cluster.pretrain_config import PretrainConfig
-from cluster.tracking import free_port, read_metrics, start_local_server, stop_server
+from cluster.tracking import free_port, read_metrics
 from gpt2 import GPT
 from tests.pretrain_fixtures import write_python_docs_shards
 
@@ -25,14 +25,6 @@ from tests.pretrain_fixtures import write_python_docs_shards
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_python_docs_shards(tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    uri = f"http://127.0.0.1:{free_port()}"
-    proc = start_local_server(tmp_path_factory.mktemp("mlflow"), uri)
-    yield uri
-    stop_server(proc.pid)
 
 
 def tiny_config(shards: Path, root: Path, name: str, *overrides: str) -> PretrainConfig:
@@ -90,6 +82,10 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     final = GPT.from_pretrained(str(Path(cfg.run_dir()) / "final"))
     assert final.config.n_layer == 2
     assert (Path(cfg.run_dir()) / "best" / "model.safetensors").exists()
+    # Both exports carry a model card with the figures the run recorded (8 steps x 128 tokens).
+    final_card = (Path(cfg.run_dir()) / "final" / "README.md").read_text()
+    assert "| tokens seen | 1,024 (1.0K) |" in final_card and f"| val_loss | {val[-1][1]:.4g} |" in final_card
+    assert "| hellaswag_acc_norm |" in final_card and (Path(cfg.run_dir()) / "best" / "README.md").exists()
 
     client = MlflowClient(mlflow_server)
     run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
@@ -102,7 +98,7 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     assert [m.value for m in history] == pytest.approx(loss)
     assert len(client.get_metric_history(run_id, "val_loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"loss.png", "metrics.jsonl"} <= artifacts
+    assert {"loss.png", "metrics.jsonl", "README.md"} <= artifacts
     versions = client.search_model_versions(f"name='{cfg.run.name}'")
     assert len(versions) == 1
 
@@ -165,3 +161,15 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path):
     assert out.returncode != 0 and "no manifest.json" in out.stderr
     out = subprocess.run(job + ["train.nope=1"], capture_output=True, text=True)
     assert out.returncode != 0 and "train.nope" in out.stderr
+
+
+def test_one_worker_accumulating_equals_two_workers(ray_session, shards, tmp_path):
+    """The same global batch as 1 worker × 2 accumulation micro-steps and as 2 workers × 1: same losses."""
+    common = ("train.max_steps=3", "eval.val_every=0", "checkpoint.every=0")
+    accumulating = tiny_config(shards, tmp_path, "accum", "scaling.num_workers=1", *common)
+    parallel = tiny_config(shards, tmp_path, "ddp", "scaling.num_workers=2", *common)
+    assert accumulating.train.grad_accum_steps(1) == 2 and parallel.train.grad_accum_steps(2) == 1
+    for cfg in (accumulating, parallel):
+        assert run_pretraining(cfg, f"http://127.0.0.1:{free_port()}").error is None
+    assert losses(accumulating) == pytest.approx(losses(parallel), abs=1e-5)
+    assert len(losses(accumulating)) == 3
