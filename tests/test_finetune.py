@@ -1,0 +1,99 @@
+"""Fine-tuning on real Ray (Tune trials and a Train run) with a real MLflow server, on a tiny model and corpus."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import load
+from cluster.finetune_config import FinetuneConfig
+from gpt2 import GPT, preset
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    """A tiny pretrained model and a delimited domain corpus of repetitive, learnable documents."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    GPT(preset("tiny").replace(block_size=64)).save_pretrained(str(root / "base"))
+    docs = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(30)) for i in range(40)]
+    (root / "domain.txt").write_text("".join(f"<LOC>{d}</LOC>\n" for d in docs))
+    return root
+
+
+def config(domain: Path, run_root: Path, *overrides: str) -> FinetuneConfig:
+    return load(FinetuneConfig, None, [
+        f"model.source={domain / 'base'}", f"data.inputs=[{domain / 'domain.txt'}]", "data.txt_delimiter=<LOC>...</LOC>",
+        "data.seq_len=32", "data.val_fraction=0.2", "train.epochs=2", "train.micro_batch=4", "train.autocast=fp32",
+        "samples.prompts=[alpha]", "samples.max_tokens=8", f"run.root={run_root}", *overrides,
+    ])
+
+
+def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from cluster.finetune import run
+
+    # The good rate first: with one trial at a time, ASHA compares the later (much worse) ones against it after
+    # their first epoch and stops them.
+    cfg = config(domain, tmp_path, "search.lrs=[3e-3, 1e-6, 2e-6]", "search.epochs=3", "search.grace_period=1",
+                 "search.reduction_factor=2", "search.max_concurrent=1", "run.name=searched")
+    summary = run(cfg, search=True, tracking_uri=mlflow_server)
+    rows = summary["search"].rows
+    assert [r["lr"] for r in rows] == sorted([3e-3, 1e-6, 2e-6])
+    assert summary["lr"] == 3e-3 == min(rows, key=lambda r: r["best_val_loss"])["lr"]
+    assert any(r["status"] == "stopped by ASHA" for r in rows), rows
+    assert (Path(summary["search"].csv_path)).read_text().startswith("trial,lr,best_val_loss,epochs_run,status")
+
+    best = Path(summary["best_dir"])
+    model = GPT.from_pretrained(str(best))
+    assert math.isfinite(summary["metrics"]["best_val_loss"])
+    assert "--- prompt: 'alpha'" in summary["samples"]
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("finetune")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "lr-search"]
+    assert len(parent) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 3 and all("val_loss" in c.data.metrics for c in children)
+    final = client.get_run(summary["run_id"])
+    assert final.data.params["lr"] == "0.003" and "val_loss" in final.data.metrics
+    assert client.search_model_versions("name='searched'")  # the fine-tuned model is registered
+    assert model.config.n_layer == 2
+
+
+def test_lora_finetune_keeps_the_base_and_merges(ray_session, mlflow_server, domain, tmp_path):
+    from cluster.finetune import run
+
+    cfg = config(domain, tmp_path, "train.mode=lora", "lora.rank=4", "train.lr=1e-2", "run.name=lora")
+    summary = run(cfg, search=False, tracking_uri=mlflow_server)
+    run_dir = Path(cfg.run_dir())
+    assert (run_dir / "best_adapters" / "adapter_config.json").is_file()
+    base = GPT.from_pretrained(str(domain / "base"))
+    merged = GPT.from_pretrained(summary["best_dir"])
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all("attn.c_attn" in n for n in changed)  # only the adapted projections moved
+
+
+def test_bad_finetune_configs_fail_before_any_worker(domain, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "plain.txt").write_text("no tags in here\n")
+    with pytest.raises(ValueError, match="search space is empty"):
+        config(domain, tmp_path, "search.lrs=[]").validate(search=True)
+    with pytest.raises(ValueError, match="train.mode"):
+        config(domain, tmp_path, "train.mode=half").validate()
+    with pytest.raises(ValueError, match="does not exist"):
+        config(domain, tmp_path, f"data.inputs=[{tmp_path / 'missing.txt'}]").validate()
+
+    from cluster.finetune import load_documents
+
+    with pytest.raises(ValueError, match="no documents"):
+        load_documents(config(domain, tmp_path, f"data.inputs=[{tmp_path / 'empty.txt'}]"))
+    with pytest.raises(ValueError, match="plain.txt:1: text outside"):
+        load_documents(config(domain, tmp_path, f"data.inputs=[{tmp_path / 'plain.txt'}]"))
