@@ -18,7 +18,7 @@ import torch
 from cluster.models import load_model
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.device import choose, describe
-from gpt2.generate import SamplingParams
+from gpt2.generate import SamplingParams, stream
 from gpt2.tokenizer import IncrementalDecoder
 
 
@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> None:
                     decoder = IncrementalDecoder(enc)
                     print(f"--- sample {i + 1}\n{prompt}", end="", flush=True)
                     one = dict(options, seed=None if args.seed is None else args.seed + i)
-                    for (token,) in model.generate_stream([rows[i]], args.max_tokens, **one):
+                    for (token,) in stream(model, [rows[i]], args.max_tokens, **one):
                         print(decoder.push(token), end="", flush=True)
                         produced += 1
                     print(decoder.flush())
             else:
                 samples = [[] for _ in rows]
-                for tokens in model.generate_stream(rows, args.max_tokens, **options):
+                for tokens in stream(model, rows, args.max_tokens, **options):
                     for sample, t in zip(samples, tokens):
                         if t is not None:
                             sample.append(t)
@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {e}")
         elapsed = time.perf_counter() - start
         print(f"# {produced} tokens in {elapsed:.2f}s ({produced / elapsed:.1f} tokens/s)", file=sys.stderr)
+        if hasattr(model, "reset_stats"):  # an early-exit model: how often it stopped after its exit block
+            stats = model.reset_stats()
+            print(f"# early exit after block {model.exit_layer} (threshold {model.threshold:g}): exit rate"
+                  f" {100 * stats.exit_rate:.1f}% of {stats.tokens} positions, {stats.mean_blocks:.2f} blocks per"
+                  " position", file=sys.stderr)
 
 
 if __name__ == "__main__":

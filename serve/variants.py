@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from cluster.models import is_mlflow_uri, local_model_dir
+from cluster.models import is_mlflow_uri, load_model
 from cluster.ray_env import PROJECT_ROOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 QUANTIZE = ("none", "int8")
-EARLY_EXIT_FILE = "early_exit.json"
 
 
 @dataclass(frozen=True)
@@ -72,17 +71,9 @@ def parse_variants(raw: dict) -> dict[str, VariantSpec]:
 
 def load_variant(spec: VariantSpec, device: torch.device):
     """The model for a variant, ready for inference: a GPT, or an EarlyExitGPT when the directory holds a classifier."""
-    from gpt2 import GPT
     from gpt2.device import parse_dtype
 
-    directory = local_model_dir(spec.resolved_source())
-    dtype = parse_dtype(spec.dtype, device)
-    if (Path(directory) / EARLY_EXIT_FILE).is_file():
-        from gpt2.early_exit import load_early_exit
-
-        model = load_early_exit(directory, device=device, dtype=dtype)
-    else:
-        model = GPT.from_pretrained(directory, device=device, dtype=dtype)  # a directory or a hub name
+    model = load_model(spec.resolved_source(), device=device, dtype=parse_dtype(spec.dtype, device))
     if spec.quantize == "int8":
         from gpt2.quantize import quantize_int8
 

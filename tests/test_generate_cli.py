@@ -120,3 +120,28 @@ def test_runtime_problems_exit_with_a_message():
             job.main(["--preset", "tiny", "--prompt", "x", "--device", "cuda"])
     with pytest.raises(SystemExit, match="error: .*exceeds the model's context of 128"):
         job.main(["--preset", "tiny", "--prompt", "word " * 100, "--max-tokens", "50", "--device", "cpu"])
+
+
+def early_exit_copy(checkpoint, directory, threshold: float):
+    """A copy of the checkpoint with an (untrained) exit classifier after block 1."""
+    import shutil
+
+    from gpt2.early_exit import EarlyExitGPT, save_early_exit
+
+    shutil.copytree(checkpoint, directory)
+    torch.manual_seed(0)
+    save_early_exit(EarlyExitGPT(GPT.from_pretrained(directory), exit_layer=1, threshold=threshold), directory)
+    return directory
+
+
+def test_early_exit_model_prints_its_exit_rate(checkpoint, tmp_path):
+    never = early_exit_copy(checkpoint, tmp_path / "never", threshold=2.0)  # scores are <= 1: never exits
+    always = early_exit_copy(checkpoint, tmp_path / "always", threshold=0.0)
+    args = ("--prompt", PROMPT, "--max-tokens", "10", "--temperature", "0")
+    out = generate("--model", str(never), *args)
+    assert out.returncode == 0, out.stderr
+    assert samples(out.stdout) == library_samples(checkpoint, 1, 10, temperature=0)  # identical to the base model
+    assert "exit rate 0.0%" in out.stderr
+    out = generate("--model", str(always), *args)
+    assert out.returncode == 0, out.stderr
+    assert "early exit after block 1" in out.stderr and "exit rate 100.0%" in out.stderr

@@ -21,6 +21,18 @@ def _save(directory, config: GPTConfig, seed: int) -> str:
     return str(directory)
 
 
+def _early_exit_copy(checkpoint: str, directory) -> str:
+    """The pretrained checkpoint plus an (untrained) exit classifier after block 1, default threshold 0.5."""
+    import shutil
+
+    from gpt2.early_exit import EarlyExitGPT, save_early_exit
+
+    shutil.copytree(checkpoint, directory)
+    torch.manual_seed(3)
+    save_early_exit(EarlyExitGPT(GPT.from_pretrained(str(directory)), exit_layer=1, threshold=0.5), directory)
+    return str(directory)
+
+
 def deploy(settings: dict, name: str, route_prefix: str) -> None:
     from ray import serve as ray_serve
 
@@ -44,6 +56,7 @@ def server(tmp_path_factory):
         "long": _save(root / "long", tiny.replace(block_size=1024), 2),
     }
     variants["int8"] = {"source": variants["pretrained"], "quantize": "int8"}
+    variants["early-exit"] = _early_exit_copy(variants["pretrained"], root / "early-exit")
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = {"variants": variants, "max_batch": 4, "max_pending": 32, "torch_threads": 1,
@@ -118,6 +131,18 @@ def test_openai_client(server):
     assert [streamed.get(i, "") for i in range(4)] == [c.text for c in out.choices]
     int8 = client.completions.create(model="int8", prompt="One", max_tokens=5, temperature=0)
     assert int8.usage.completion_tokens <= 5
+
+
+def test_early_exit_variant_reports_exits(server):
+    body = {"prompt": "The cat sat", "max_tokens": 10, "temperature": 0}
+    base = post(server, {**body, "model": "pretrained"}).json()
+    never = post(server, {**body, "model": "early-exit", "early_exit_threshold": 2.0}).json()
+    assert never["choices"][0]["text"] == base["choices"][0]["text"]  # never exiting is the standard model
+    assert never["early_exit"]["exit_rate"] == 0.0 and never["early_exit"]["exit_layer"] == 1
+    always = post(server, {**body, "model": "early-exit", "early_exit_threshold": 0}).json()
+    assert always["early_exit"]["exit_rate"] == 1.0
+    assert always["early_exit"]["exited"] == always["usage"]["completion_tokens"]
+    assert "early_exit" not in base
 
 
 def test_stop_strings_and_usage(server):
