@@ -60,8 +60,11 @@ def start_local_server(store_dir: str | Path, uri: str = DEFAULT_TRACKING_URI, w
         "--artifacts-destination", str(store / "artifacts"),
         "--host", parsed.hostname or "127.0.0.1", "--port", str(parsed.port or 5000), "--workers", "1",
     ]
+    # The server's background job runner (for MLflow's GenAI evaluation jobs) is half a dozen extra processes that
+    # tracking training runs never uses; on a small machine they compete with training for the CPUs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(store / "server.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     (store / "server.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

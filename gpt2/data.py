@@ -297,6 +297,12 @@ def resolve_shard_paths(pattern_or_manifest: str | os.PathLike, split: str) -> l
     return files
 
 
+def split_tokens(pattern_or_manifest: str | os.PathLike, split: str = "val") -> np.ndarray:
+    """Every token of one split, shard after shard, as one array (for evaluation: val sets are small)."""
+    arrays = [open_shard(p) for p in resolve_shard_paths(pattern_or_manifest, split)]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=TOKEN_DTYPE)
+
+
 class ShardedTokenLoader:
     """(x, y) int64 batches of shape (B, T) from memory-mapped shards, for one rank of `world_size`.
 

@@ -35,6 +35,7 @@ from gpt2.hellaswag import (
     download_hellaswag,
     load_hellaswag,
 )
+from gpt2.data import split_tokens
 from gpt2.perplexity import text_tokens
 from gpt2.wikitext import WikiTextError, wikitext2_text
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--wikitext-dir", type=Path, metavar="DIR",
                       help="a local WikiText-2 copy: a folder with wiki.test.raw (the original release) or the hub's "
                            "test-*.parquet (directly or in wikitext-2-raw-v1/)")
+    data.add_argument("--shards", action="append", default=[], type=Path, metavar="DIR",
+                      help="a shard set (directory with manifest.json): loss/perplexity on its val split; repeatable")
     data.add_argument("--context-length", type=int, metavar="N",
                       help="perplexity window in tokens (default: the model's context)")
     data.add_argument("--stride", type=int, metavar="N", help="perplexity window step (default: half the window)")
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compute.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, or a new local instance)")
     parser.add_argument("--output", type=Path, metavar="PATH",
                         help="results JSON (default runs/evaluate/<UTC time>/results.json)")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not log to MLflow (default: into the training run that wrote the checkpoint, "
+                             "else a run of the 'evaluate' experiment)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.actors < 0:
@@ -88,13 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in ("limit", "context_length", "stride", "cpus_per_actor", "batch_size", "window_batch_size"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
-    if args.no_hellaswag and not (args.text or args.dataset):
-        parser.error("nothing to evaluate: --no-hellaswag without --text or --dataset")
+    if args.no_hellaswag and not (args.text or args.dataset or args.shards):
+        parser.error("nothing to evaluate: --no-hellaswag without --text, --dataset or --shards")
     if args.wikitext_dir and "wikitext-2" not in args.dataset:
         parser.error("--wikitext-dir is only read with --dataset wikitext-2")
     if args.device and args.actors:
         parser.error("--device chooses where --actors 0 scores; actors use --gpu/--no-gpu")
-    names = [path.name for path in args.text] + args.dataset
+    names = [path.name for path in args.text] + args.dataset + [f"{d.name}-val" for d in args.shards]
     if len(set(names)) != len(names):
         parser.error(f"--text files and --dataset names must be distinct (their metrics are keyed by name): {names}")
     return args
@@ -157,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.text:
         texts[path.name] = text_tokens(path.read_text(encoding="utf-8"))
         results["data"][f"text/{path.name}"] = {"path": str(path), "tokens": len(texts[path.name]) - 1}
+    for directory in args.shards:
+        try:
+            texts[f"{directory.name}-val"] = split_tokens(directory, "val").tolist()
+        except (FileNotFoundError, ValueError) as e:  # no manifest, no val shards, a damaged header
+            sys.exit(f"error: --shards {directory}: {e}")
+        results["data"][f"text/{directory.name}-val"] = {"path": str(directory), "split": "val",
+                                                         "tokens": len(texts[f"{directory.name}-val"]) - 1}
     if "wikitext-2" in args.dataset:
         try:
             texts["wikitext-2"] = text_tokens(wikitext2_text("test", args.wikitext_dir))
@@ -185,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         metrics = compute_metrics(model, settings, hellaswag=examples, texts=texts)
         seconds = time.perf_counter() - started
-        # One model's results as they go into the JSON file; the tracking module logs `metrics` to MLflow here.
         results["models"].append(
             {"model": spec, "parameters": model.num_params(), "seconds": round(seconds, 3), "metrics": metrics}
         )
@@ -200,8 +212,31 @@ def main(argv: list[str] | None = None) -> int:
     if texts:
         print(perplexity_table(results["models"], list(texts)))
         print()
+    if not args.no_mlflow:
+        for entry in results["models"]:
+            where = log_to_mlflow(entry, output, started_at)
+            print(f"MLflow: {entry['model']} -> {where}")
     print(f"results: {output}")
     return 0
+
+
+def log_to_mlflow(entry: dict, output: Path, started_at: datetime) -> str:
+    """Log one model's metrics and the results file: into the training run whose checkpoint this is (its run
+    directory keeps the MLflow run id), else into a new run of the 'evaluate' experiment."""
+    from cluster.tracking import RunLogger
+
+    source = Path(entry["model"])
+    run_dir = next((d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
+    if run_dir is not None:
+        logger = RunLogger(run_dir, experiment="unused: the run already exists", run_name=run_dir.name)
+    else:
+        name = f"{source.name or entry['model']}-{started_at.strftime('%Y%m%d-%H%M%S')}"
+        logger = RunLogger(output.parent / "mlflow" / name, experiment="evaluate", run_name=name,
+                           params={"model": entry["model"], "parameters": entry["parameters"]})
+    logger.log_metrics({f"eval/{k}": float(v) for k, v in entry["metrics"].items()}, step=0)
+    logger.log_artifact(output, "eval")
+    logger.close()
+    return f"run {logger.run_id}" if logger.run_id else f"(server unreachable; kept in {logger.jsonl})"
 
 
 if __name__ == "__main__":

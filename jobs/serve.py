@@ -41,6 +41,15 @@ def parse_variant(text: str) -> tuple[str, str]:
     return name, source
 
 
+def anchored(variant: str | dict, root: Path) -> str | dict:
+    """A variant whose relative source path is made absolute against `root`."""
+    spec = {"source": variant} if isinstance(variant, str) else dict(variant)
+    source = spec.get("source", "")
+    if isinstance(source, str) and "://" not in source and (root / source).exists():
+        spec["source"] = str((root / source).resolve())
+    return spec
+
+
 def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -61,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME=SOURCE",
                    help="add or replace a variant (checkpoint dir, HF dir or MLflow model URI); repeatable")
     p.add_argument("--only", action="store_true", help="serve only the --variant models, not the config's")
+    p.add_argument("--root", type=Path, default=PROJECT_ROOT,
+                   help="what relative variant paths are relative to (default: the project; a job submitted with"
+                        " `ray job submit` runs in an uploaded copy, so pass the checkout's absolute path)")
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, else a new local instance)")
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = dict(app_entry["args"])
     variants = {} if args.only else dict(settings.get("variants") or {})
     variants.update(dict(args.variant))
-    settings["variants"] = variants
+    settings["variants"] = {name: anchored(v, args.root) for name, v in variants.items()}
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tests that track runs start their own MLflow server (the mlflow_server fixture) and pass its URI; everything else
+# must never reach a developer's real server, so the default points at a port where nothing listens.
+os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
 torch.set_num_threads(2)
 
 

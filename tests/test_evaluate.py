@@ -197,3 +197,31 @@ def test_job_help():
     assert done.returncode == 0, done.stderr
     for option in ("--model", "--hellaswag", "--text", "--stride", "--actors", "--output"):
         assert option in done.stdout
+
+
+def test_job_scores_shards_and_logs_into_the_training_run(tiny_model, tmp_path, mlflow_server, monkeypatch, capsys):
+    """A checkpoint inside a tracked run directory: its evaluation lands in that run; shard val loss is a metric."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster.tracking import RunLogger
+    from gpt2.data import split_tokens
+    from gpt2.perplexity import evaluate_perplexity
+    from tests.pretrain_fixtures import write_python_docs_shards
+
+    shards = write_python_docs_shards(tmp_path / "shards")
+    run_dir = tmp_path / "runs" / "pretrain" / "tiny"
+    training = RunLogger(run_dir, experiment="pretrain", run_name="tiny", uri=mlflow_server)
+    training.close()
+    tiny_model.save_pretrained(run_dir / "final")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    output = tmp_path / "results.json"
+    args = ["--model", str(run_dir / "final"), "--no-hellaswag", "--shards", str(shards), "--actors", "0",
+            "--no-progress", "--output", str(output)]
+    assert load_job().main(args) == 0
+    name = f"{shards.name}-val"
+    expected = evaluate_perplexity(tiny_model, split_tokens(shards, "val").tolist())
+    metrics = json.loads(output.read_text())["models"][0]["metrics"]
+    assert metrics[f"text/{name}/loss"] == pytest.approx(expected.loss)
+    logged = MlflowClient(mlflow_server).get_run(training.run_id).data.metrics
+    assert logged[f"eval/text/{name}/loss"] == pytest.approx(expected.loss)
+    assert f"run {training.run_id}" in capsys.readouterr().out
