@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -50,20 +48,6 @@ def anchored(variant: str | dict, root: Path) -> str | dict:
     return spec
 
 
-def wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"error: the application did not answer {url} within {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=PROJECT_ROOT / "serve" / "config.yaml", help="Serve config file")
@@ -90,14 +74,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve as ray_serve
 
-    from serve.app import build_app
+    from serve.deploy import deploy
 
     how = init_ray(args.address)
-    ray_serve.start(http_options=http)
     name = app_entry.get("name", "gpt2")
-    ray_serve.run(build_app(settings), name=name, route_prefix=app_entry.get("route_prefix", "/"), blocking=False)
-    base = f"http://{http['host']}:{http['port']}"
-    wait_healthy(f"{base}/healthz", timeout=120)
+    try:
+        base = deploy(settings, host=http["host"], port=http["port"], name=name,
+                      route_prefix=app_entry.get("route_prefix", "/"))
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
     print(f"application {name!r} is up with variants {sorted(variants)}")
     print(f"  web page:   {base}/")
     print(f"  API:        {base}/v1  (OpenAI-compatible: /v1/completions, /v1/models)")

@@ -312,3 +312,25 @@ def test_web_page_compares_two_variants(server):
             assert "context" in page.query_selector(".column .error").inner_text()
         finally:
             browser.close()
+
+
+def test_serve_job_deploys_variants_relative_to_a_root(server, tmp_path, capsys):
+    """jobs/serve.py onto the running instance: relative sources resolve against --root, then it returns."""
+    import yaml
+
+    from ray import serve as ray_serve
+    from tests.job_loader import load_job
+
+    port = int(server["base"].rsplit(":", 1)[1])
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "gpt2-job", "route_prefix": "/job", "import_path": "serve.app:build_app",
+        "args": {"variants": {"mine": "pretrained"}, "torch_threads": 1, "model_replica_cpus": 0.5}}]}))
+    job = load_job("serve")
+    try:
+        job.main(["--config", str(config), "--root", str(server["root"]), "--port", str(port)])
+        assert "web page:" in capsys.readouterr().out
+        r = post({"base": server["base"] + "/job"}, {"model": "mine", "prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    finally:
+        ray_serve.delete("gpt2-job")
