@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from serve.completions import collect_response, run_completion, sse_stream
@@ -165,6 +166,9 @@ class Gateway:
                 raise APIError(503, f"the server is busy ({e}); retry shortly", code="overloaded") from e
             except DeploymentUnavailableError as e:
                 raise APIError(503, f"the model deployment is unavailable: {e}", code="unavailable") from e
+            except (RayActorError, RequestCancelledError) as e:  # the replica died; Serve is replacing it
+                raise APIError(503, f"the model replica went away ({type(e).__name__}); retry shortly",
+                               code="unavailable") from e
             if first["event"] == "error":
                 raise APIError(first["status"], first["message"], param=first.get("param"))
         except APIError as e:

@@ -112,7 +112,7 @@ async def run_completion(engine, req: CompletionRequest):
 async def collect_response(events, cid: str, model: str, n_choices: int) -> JSONResponse:
     """A whole (non-streamed) OpenAI completion response from the model events."""
     texts, reasons = [""] * n_choices, ["length"] * n_choices
-    async for event in events:
+    async for event in _guarded(events):
         kind = event["event"]
         if kind == "text":
             texts[event["index"]] += event["text"]
@@ -134,7 +134,7 @@ async def sse_stream(events, cid: str, model: str, include_usage: bool):
         return f"data: {json.dumps(obj)}\n\n"
 
     try:
-        async for event in events:
+        async for event in _guarded(events):
             kind = event["event"]
             if kind == "text":
                 yield line(chunk(cid, created, model, event["index"], event["text"], None))
@@ -153,3 +153,14 @@ async def sse_stream(events, cid: str, model: str, include_usage: bool):
         # The client disconnected (or we finished): cancelling the stream cancels the replica's generator, whose
         # cleanup frees the decoding rows at the next token boundary.
         events.cancel()
+
+
+async def _guarded(events):
+    """The model events, with a failure of the model replica mid-stream (it died, Serve is replacing it) turned
+    into an error event, so the client always gets a well-formed answer."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # RayActorError and friends: all the client can do is retry
+        yield {"event": "error", "status": 503,
+               "message": f"the model replica failed during generation ({type(e).__name__}); retry"}

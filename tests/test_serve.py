@@ -334,3 +334,30 @@ def test_serve_job_deploys_variants_relative_to_a_root(server, tmp_path, capsys)
         assert r.status_code == 200, r.text
     finally:
         ray_serve.delete("gpt2-job")
+
+
+def test_killed_model_replica_is_replaced_and_answers_are_always_well_formed(server):
+    """Kill the model replica: Serve starts a new one, requests succeed again within a bounded time, and every
+    answer meanwhile is either a valid completion or an OpenAI-style JSON error."""
+    import ray
+    from ray.util.state import list_actors
+
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                if "ServeReplica:gpt2-test:ModelServer" in (a.class_name or "")]
+    assert replicas, "no model replica found"
+    body = {"model": "pretrained", "prompt": "Hello", "max_tokens": 4}
+    assert post(server, body).status_code == 200
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    codes = []
+    while True:
+        r = post(server, body)
+        codes.append(r.status_code)
+        payload = r.json()  # always JSON, never a bare "Internal Server Error"
+        if r.status_code == 200:
+            assert payload["choices"] and payload["usage"]["completion_tokens"] <= 4
+            break
+        assert "error" in payload and r.status_code in (500, 503), (r.status_code, payload)
+        assert time.monotonic() - killed_at < 120, f"no successful answer within 120 s of the kill: {codes}"
+        time.sleep(0.5)
+    print(f"replica replaced: first success {time.monotonic() - killed_at:.1f} s after the kill; codes {codes}")

@@ -1,0 +1,379 @@
+"""The cluster definitions, checked offline (nothing is launched, no Ray is started).
+
+- ray_cluster.yaml (AWS) and cluster/ray_cluster_gcp.yaml go through Ray's own defaults merge and JSON schema: the
+  steps `ray up` takes before it calls the cloud.
+- The KubeRay RayJobs in cluster/kuberay/ use only fields of KubeRay's ray.io/v1 types and run what cluster/README.md
+  says they run.
+- The 124M recipe's batch arithmetic goes through the project's config loader and gpt2.train.TrainConfig.
+- runtime_env.yaml's upload is walked with Ray's own traversal and exclude matching.
+
+  python -m tests.test_cluster_configs    # print what `ray job submit --runtime-env runtime_env.yaml` would upload
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster.config import load  # first: the cluster package sets Ray's auth mode before Ray is imported
+from cluster.pretrain_config import PretrainConfig
+from tests.job_loader import load_job
+
+import ray  # noqa: E402
+from ray._private.runtime_env.packaging import FILE_SIZE_WARNING, _dir_travel, _get_excludes  # noqa: E402
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = {"aws": ROOT / "ray_cluster.yaml", "gcp": ROOT / "cluster" / "ray_cluster_gcp.yaml"}
+GPU_MACHINE = {"aws": ("InstanceType", "p4d.24xlarge"), "gcp": ("machineType", "a2-highgpu-8g")}
+KUBERAY = ROOT / "cluster" / "kuberay"
+CLUSTER_README = ROOT / "cluster" / "README.md"
+RECIPE = ROOT / "configs" / "gpt2-124m-fineweb-edu.yaml"
+RECIPES = (RECIPE, ROOT / "configs" / "gpt2-350m-fineweb-edu.yaml")
+SHARED = "/mnt/shared"
+IMAGE_PROJECT_DIR = "/home/ray/gpt2-on-ray/"  # where the project image (cluster/README.md) keeps the repo
+TOKEN_FILE = "~/.ray/auth_token"
+# The limit Ray's documentation states for an uploaded working_dir, and llm.c's 8×A100 speed for the 124M recipe.
+WORKING_DIR_LIMIT = 100 * 1024 * 1024
+LLMC_TOKENS_PER_S = 1.75e6
+PUBLIC_CIDRS = {"0.0.0.0/0", "::/0"}
+
+# Field names of KubeRay's ray.io/v1 Go types (ray-operator/apis/ray/v1: RayJobSpec, RayClusterSpec, HeadGroupSpec,
+# WorkerGroupSpec), authOptions from v1.5.1. kubectl would drop or reject anything else.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata", "clusterSelector",
+    "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode",
+    "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes", "suspend", "schedule",
+}
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
+    "headServiceAnnotations", "suspend", "authOptions",
+}
+HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+WORKER_GROUP_FIELDS = {
+    "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template", "scaleStrategy",
+}
+
+
+def raw_launcher(cloud: str) -> dict:
+    return yaml.safe_load(LAUNCHER[cloud].read_text())
+
+
+def prepared_launcher(cloud: str) -> dict:
+    """The config as `ray up` holds it before touching the cloud: merged with the provider's defaults, validated."""
+    config = prepare_config(copy.deepcopy(raw_launcher(cloud)))
+    validate_config(config)
+    return config
+
+
+def gpu_node_type(config: dict) -> tuple[str, dict]:
+    (entry,) = [(name, t) for name, t in config["available_node_types"].items() if t["resources"].get("GPU")]
+    return entry
+
+
+def recipe(path: Path = RECIPE, *overrides: str) -> PretrainConfig:
+    return load(PretrainConfig, path, list(overrides))
+
+
+def all_commands(config: dict) -> list[str]:
+    node_commands = [c for t in config["available_node_types"].values() for c in t.get("initialization_commands", [])]
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for key in keys for c in config.get(key, [])] + node_commands
+
+
+def public_ingress(permissions: list[dict]) -> list[dict]:
+    """Inbound rules open to the whole internet."""
+    return [
+        rule for rule in permissions
+        if {r.get("CidrIp") for r in rule.get("IpRanges", [])} & PUBLIC_CIDRS
+        or {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])} & PUBLIC_CIDRS
+    ]
+
+
+def documented_commands(marker: str) -> list[str]:
+    """Shell commands in cluster/README.md's code blocks that contain `marker` (continuation lines joined)."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", CLUSTER_README.read_text(), flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line for line in lines if marker in line]
+
+
+def after_dashes(command: str) -> list[str]:
+    """The entrypoint of a `ray job submit ... -- ENTRYPOINT` command."""
+    argv = shlex.split(command)
+    return argv[argv.index("--") + 1:]
+
+
+def overrides_of(argv: list[str]) -> list[str]:
+    return [a for a in argv if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)]
+
+
+def kuberay_docs() -> list[dict]:
+    return [d for f in sorted(KUBERAY.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def rayjob(entry_script: str) -> dict:
+    (job,) = [d for d in kuberay_docs() if d["kind"] == "RayJob" and entry_script in d["spec"]["entrypoint"]]
+    return job
+
+
+def repo_path(image_path: str) -> Path:
+    assert image_path.startswith(IMAGE_PROJECT_DIR), image_path
+    return ROOT / image_path.removeprefix(IMAGE_PROJECT_DIR)
+
+
+def pod_specs(job: dict) -> list[dict]:
+    spec = job["spec"]["rayClusterSpec"]
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def uploaded_files() -> list[Path]:
+    """What `ray job submit --runtime-env runtime_env.yaml` packs: Ray's traversal with the file's excludes only
+    (include_gitignore=False: the excludes alone must keep local state out)."""
+    runtime_env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    root = (ROOT / runtime_env["working_dir"]).resolve()
+    files: list[Path] = []
+    _dir_travel(root, [_get_excludes(root, runtime_env["excludes"])], lambda p: p.is_file() and files.append(p),
+                include_gitignore=False)
+    return files
+
+
+# ------------------------------------------------------------------------------------------ Ray cluster launcher
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER))
+def test_launcher_config_passes_ray_up_validation(cloud):
+    config = prepared_launcher(cloud)
+    assert config["cluster_name"] == "gpt2-on-ray"
+    assert config["provider"]["type"] == cloud
+    assert config["provider"]["region"]
+    assert config["auth"]["ssh_user"] == "ubuntu"
+    assert config["head_node_type"] in config["available_node_types"]
+    machine_key = GPU_MACHINE[cloud][0]
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"][machine_key]
+        assert "CPU" in node_type["resources"]
+    if cloud == "aws":
+        assert all(t["node_config"]["ImageId"] for t in config["available_node_types"].values())
+    else:
+        assert config["provider"]["project_id"] and config["provider"]["availability_zone"]
+
+    broken = copy.deepcopy(raw_launcher(cloud))
+    del broken["available_node_types"][config["head_node_type"]]["resources"]
+    with pytest.raises(jsonschema.ValidationError):  # the schema check is real: a node type needs its resources
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER))
+def test_gpu_worker_node_fits_the_recipes(cloud):
+    config = prepared_launcher(cloud)
+    name, gpu = gpu_node_type(config)
+    assert name != config["head_node_type"]
+    assert gpu["resources"]["GPU"] == 8
+    machine_key, machine = GPU_MACHINE[cloud]
+    assert gpu["node_config"][machine_key] == machine
+    for path in RECIPES:
+        cfg = recipe(path)
+        assert cfg.scaling.use_gpu and cfg.scaling.num_workers == gpu["resources"]["GPU"]
+        assert cfg.scaling.num_workers * cfg.scaling.cpus_per_worker <= gpu["resources"]["CPU"]
+    workers = {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
+    assert all(t["max_workers"] >= t["min_workers"] >= 0 for t in workers.values())
+    assert gpu["max_workers"] >= 1
+    assert config["max_workers"] >= sum(t["min_workers"] for t in workers.values())
+    assert config["max_workers"] >= max(t["max_workers"] for t in workers.values())
+    if cloud == "gcp":  # GPU VMs cannot live-migrate; the Compute API wants `scheduling` as an object
+        assert gpu["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER))
+def test_nodes_install_requirements_and_the_project_as_make_setup_does(cloud):
+    config = prepared_launcher(cloud)
+    setup = " && ".join(config["setup_commands"])
+    match = re.search(r"(\S+)/bin/pip install [^&]*-r (\S+)/requirements\.txt", setup)
+    assert match, "setup_commands must install requirements.txt"
+    venv, project = match.groups()
+    assert re.search(rf"{re.escape(venv)}/bin/pip install [^&]*--no-deps -e {re.escape(project)}(\s|$)", setup)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-r requirements.txt" in makefile and "--no-deps -e ." in makefile
+
+    mounts = config["file_mounts"]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for needed in ["requirements.txt", "pyproject.toml", *packages]:
+        assert mounts.get(f"{project}/{needed}") == needed
+    for remote, local in mounts.items():
+        if remote != TOKEN_FILE:
+            assert (ROOT / local).exists(), f"file_mounts: {local} is not in the repository"
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if " start " in command:  # the Ray that pip installed, first on PATH for jobs' `python` entrypoints
+            assert f"{venv}/bin/ray start" in command and 'PATH="$HOME/venv/bin:$PATH"' in command
+    assert venv == "~/venv"
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER))
+def test_token_auth_on_every_node_and_dashboard_not_public(cloud):
+    config = prepared_launcher(cloud)
+    assert config["file_mounts"][TOKEN_FILE] == TOKEN_FILE
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert not any(re.search(r"--dashboard-host[= ]0\.0\.0\.0", c) for c in all_commands(config))
+
+    permissions = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert public_ingress(permissions) == []
+    opened = [{"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+    assert public_ingress(opened) == opened  # the check above would catch a public dashboard rule
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER))
+def test_documented_jobs_use_the_shared_mount(cloud):
+    config = prepared_launcher(cloud)
+    assert any(re.search(rf"\bmount\b.* {SHARED}\)?( |$)", c) for c in config["setup_commands"])
+
+    (pretrain,) = documented_commands("ray job submit --address http://127.0.0.1:8265 --runtime-env runtime_env.yaml"
+                                      " -- python jobs/pretrain.py --config configs/gpt2-124m-fineweb-edu.yaml")
+    argv = after_dashes(pretrain)
+    cfg = recipe(ROOT / argv[argv.index("--config") + 1], *overrides_of(argv))
+    assert cfg.data.shards.startswith(SHARED + "/") and cfg.run.root.startswith(SHARED + "/")
+
+    (prepare,) = documented_commands("python jobs/prepare_data.py --source fineweb-edu")
+    args = load_job("prepare_data").parse_args(after_dashes(prepare)[2:])
+    assert args.output == cfg.data.shards
+
+
+def test_every_placeholder_is_explained_in_the_readme():
+    readme = CLUSTER_README.read_text()
+    files = [LAUNCHER["aws"], LAUNCHER["gcp"], *sorted(KUBERAY.glob("*.yaml"))]
+    placeholders = {p for f in files for p in re.findall(r"[\w.-]*REPLACE_ME[\w.-]*", f.read_text())}
+    assert placeholders  # the scan finds them
+    assert sorted(p for p in placeholders if p not in readme) == []
+
+
+# -------------------------------------------------------------------------------------------------------- KubeRay
+
+
+def test_kuberay_pretrain_rayjob_runs_the_124m_recipe_on_8_gpus():
+    job = rayjob("jobs/pretrain.py")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python" and repo_path(argv[1]) == ROOT / "jobs" / "pretrain.py"
+    config_path = repo_path(argv[argv.index("--config") + 1])
+    assert config_path == RECIPE
+    cfg = recipe(config_path, *overrides_of(argv))
+    assert cfg.data.shards.startswith(SHARED + "/") and cfg.run.root.startswith(SHARED + "/")
+
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert int(limits["nvidia.com/gpu"]) == int(requests["nvidia.com/gpu"]) == 8 == cfg.scaling.num_workers
+    assert group["replicas"] == group["minReplicas"] == 1
+    assert float(limits["cpu"]) >= cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+
+
+@pytest.mark.parametrize("script", ["jobs/pretrain.py", "jobs/prepare_data.py"])
+def test_kuberay_rayjobs_use_known_fields_token_auth_and_a_private_head(script):
+    job = rayjob(script)
+    spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS
+    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS
+    assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    assert all(set(g) <= WORKER_GROUP_FIELDS for g in cluster["workerGroupSpecs"])
+    assert all(isinstance(v, str) for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+               for v in g["rayStartParams"].values())  # the CRD types rayStartParams as map[string]string
+
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert cluster["rayVersion"] == ray.__version__ and f"]=={ray.__version__}" in requirements
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not cluster["headGroupSpec"].get("enableIngress", False)
+    assert spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+
+    (claim,) = [d for d in kuberay_docs() if d["kind"] == "PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for pod in pod_specs(job):
+        shared = {v["name"] for v in pod["volumes"]
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]}
+        (container,) = pod["containers"]
+        assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == SHARED} & shared
+
+
+def test_kuberay_prepare_job_writes_where_the_pretrain_job_reads():
+    argv = shlex.split(rayjob("jobs/prepare_data.py")["spec"]["entrypoint"])
+    assert repo_path(argv[1]) == ROOT / "jobs" / "prepare_data.py"
+    args = load_job("prepare_data").parse_args(argv[2:])
+    assert args.source == "fineweb-edu"
+    pretrain = shlex.split(rayjob("jobs/pretrain.py")["spec"]["entrypoint"])
+    assert args.output == recipe(RECIPE, *overrides_of(pretrain)).data.shards
+
+
+# --------------------------------------------------------------------------------------------- recipe arithmetic
+
+
+def test_124m_batch_arithmetic_through_the_config_loader():
+    cfg = recipe()
+    workers = cfg.scaling.num_workers
+    accum = cfg.train.grad_accum_steps(workers)
+    assert (cfg.train.micro_batch, cfg.train.seq_len, workers, accum) == (64, 1024, 8, 1)
+    assert cfg.train.micro_batch * cfg.train.seq_len * workers * accum == cfg.train.total_batch_tokens == 524_288
+    # cluster/README.md's fallback for 40 GB A100s: half the micro-batch, twice the accumulation, same step.
+    half = recipe(RECIPE, "train.micro_batch=32")
+    assert half.train.grad_accum_steps(workers) == 2
+    assert half.train.micro_batch * half.train.seq_len * workers * 2 == 524_288
+    assert recipe(RECIPES[1]).train.grad_accum_steps(workers) == 4
+
+
+def test_readme_cost_figures_follow_from_the_recipe():
+    cfg = recipe()
+    tokens = cfg.train.max_steps * cfg.train.total_batch_tokens
+    minutes = tokens / LLMC_TOKENS_PER_S / 60
+    assert cfg.train.max_steps == 19_073 and 9.99e9 < tokens < 1.001e10
+    readme = CLUSTER_README.read_text()
+    assert f"{cfg.train.max_steps:,} steps × {cfg.train.total_batch_tokens:,} tokens = {tokens:,} tokens" in readme
+    assert f"**{round(minutes)} min**" in readme
+    price = float(re.search(r"\*\*\$(\d+\.\d+)/h\*\*", readme).group(1))
+    assert f"≈ **${round(price * minutes / 60)}**" in readme
+
+
+# ---------------------------------------------------------------------------------------------- runtime_env upload
+
+
+def test_runtime_env_excludes_keep_local_state_out():
+    runtime_env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    excluded = _get_excludes(ROOT, runtime_env["excludes"])
+    for local_state in [".venv/bin/python", "data/fineweb-edu/fineweb-edu_train_000001.bin",
+                        "runs/pretrain/x/train/checkpoint_000001/model.safetensors", "mlflow/mlflow.db", ".git/HEAD"]:
+        assert excluded(ROOT / local_state), local_state
+    for needed in ["jobs/pretrain.py", "configs/gpt2-124m-fineweb-edu.yaml", "gpt2/model.py", "cluster/pretrain.py"]:
+        assert not excluded(ROOT / needed), needed
+
+
+def test_uploaded_working_dir_is_well_under_the_limit():
+    files = uploaded_files()
+    names = {str(f.relative_to(ROOT)) for f in files}
+    assert {"jobs/pretrain.py", "configs/gpt2-124m-fineweb-edu.yaml", "runtime_env.yaml"} <= names
+    assert not [n for n in names if n.split("/")[0] in {".venv", "data", "runs", "mlflow", ".git"}]
+    assert [str(f) for f in files if f.stat().st_size >= FILE_SIZE_WARNING] == []
+    total = sum(f.stat().st_size for f in files)
+    print(f"runtime_env.yaml uploads {len(files)} files, {total / 2**20:.2f} MiB")
+    assert total < WORKING_DIR_LIMIT / 4
+
+
+if __name__ == "__main__":
+    files = uploaded_files()
+    total = sum(f.stat().st_size for f in files)
+    by_top: dict[str, int] = {}
+    for f in files:
+        top = f.relative_to(ROOT).parts[0]
+        by_top[top] = by_top.get(top, 0) + f.stat().st_size
+    for top, size in sorted(by_top.items(), key=lambda kv: -kv[1]):
+        print(f"{size / 1024:10.1f} KiB  {top}")
+    print(f"runtime_env.yaml would upload {len(files)} files, {total / 2**20:.2f} MiB"
+          f" (Ray's documented working_dir limit: {WORKING_DIR_LIMIT / 2**20:.0f} MiB)")
