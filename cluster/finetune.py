@@ -84,7 +84,7 @@ def _wikitext_articles(rows: list[str]) -> list[str]:
 
 
 def prepare_data(cfg: FinetuneConfig) -> DomainData:
-    documents = load_documents(cfg)
+    documents = load_documents(cfg)[: cfg.data.max_documents]
     train_docs, val_docs = split_documents(documents, cfg.data.val_fraction, seed=cfg.data.split_seed)
     pack = lambda docs: pack_documents([t for t in encode_documents(docs) if t], cfg.data.seq_len)  # noqa: E731
     return DomainData(pack(train_docs), pack(val_docs), (len(train_docs), len(val_docs)))

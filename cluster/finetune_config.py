@@ -23,6 +23,7 @@ class DataSection:
     dataset: str | None = None  # "wikitext-2" (its train split); then inputs may name a local copy of it
     text_field: str = "text"  # the document key in .jsonl / column in .parquet
     txt_delimiter: str | None = None  # None: one .txt file is one document; "SEP"; or "START...END" e.g. "<LOC>...</LOC>"
+    max_documents: int | None = None  # use only the first N documents (quick runs on a slice of a big corpus)
     seq_len: int = 512
     val_fraction: float = 0.1
     split_seed: int = 0

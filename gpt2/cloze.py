@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-MIN_WORDS, MAX_WORDS = 5, 40  # sentences outside this range are headings, code or lists: not good endings
+MIN_WORDS, MAX_WORDS = 5, 30  # sentences outside this range are headings, code or lists: not good endings
 
 
 def _sentences(text: str) -> list[str]:

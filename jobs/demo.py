@@ -1,16 +1,15 @@
 """The local demo behind `make demo`: start a Ray head and an MLflow server on this machine (if not running), then
-submit data preparation and pretraining as Ray jobs with `ray job submit`, and print where to look."""
+submit the whole pipeline (jobs/pipeline.py) with `ray job submit`, and print where to look."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 from cluster.local_services import DASHBOARD_URL, _bin, client_env, up
 from cluster.ray_env import PROJECT_ROOT
-from cluster.tracking import DEFAULT_TRACKING_URI, read_metrics
+from cluster.tracking import DEFAULT_TRACKING_URI
 
 
 def submit(*job: str) -> None:
@@ -23,30 +22,19 @@ def submit(*job: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="configs/local.yaml")
+    p.add_argument("--config", default="configs/pipeline-local.yaml", help="the pipeline config")
+    p.add_argument("--from", dest="from_stage", help="rerun the pipeline from this stage (see jobs/pipeline.py)")
     args = p.parse_args()
-    data = PROJECT_ROOT / "data" / "pydocs"
-    runs = PROJECT_ROOT / "runs"
     up()
-    # Absolute paths: a submitted job runs in an uploaded copy of the project, not in this checkout.
-    submit("jobs/prepare_data.py", "--source", "python-docs", "--output", str(data))
-    submit("jobs/pretrain.py", "--config", args.config, f"data.shards={data}", f"run.root={runs}")
-
-    from cluster.config import load
-    from cluster.pretrain_config import PretrainConfig
-
-    cfg = load(PretrainConfig, PROJECT_ROOT / args.config, [f"run.root={runs}"])
-    run_dir = Path(cfg.run_dir())
-    val = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
-    samples = sorted((run_dir / "samples").glob("*.txt"))
+    # Absolute paths: a submitted job runs in an uploaded copy of the project, not in this checkout, and the data,
+    # runs and models must land here.
+    paths = [f"root={PROJECT_ROOT / 'runs'}", f"data_dir={PROJECT_ROOT / 'data' / 'pydocs'}",
+             f"domain_dir={PROJECT_ROOT / 'data' / 'domain'}"]
+    submit("jobs/pipeline.py", "--config", args.config, *paths, *(["--from", args.from_stage] if args.from_stage else []))
     print("\n=== demo finished ===")
-    print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs and Train views)")
-    print(f"MLflow UI:       {DEFAULT_TRACKING_URI}   (experiment '{cfg.run.experiment}', run '{cfg.run.name}')")
-    print(f"final model:     {run_dir / 'final'}")
-    if val:
-        print(f"validation loss: {val[0]:.3f} at the first measurement -> {val[-1]:.3f} at the end")
-    if samples:
-        print(f"sample text ({samples[-1].name}):\n{samples[-1].read_text()}")
+    print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs, Train and Tune views; Serve)")
+    print(f"MLflow UI:       {DEFAULT_TRACKING_URI}   (experiments pretrain, finetune, early-exit)")
+    print("Serve:           http://127.0.0.1:8000/v1 (OpenAI-compatible API), http://127.0.0.1:8000/ (web page)")
     print("stop the services with `make stop`")
 
 

@@ -1,0 +1,56 @@
+"""The whole pipeline on tiny settings, on real Ray, MLflow and Serve: every stage runs, a rerun skips them all
+(content-cached), and `--from` reruns from the named stage."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from cluster.config import load
+from cluster.pipeline import STAGES, PipelineConfig, run_pipeline, summary_table
+
+
+def tiny_pipeline(tmp_path, port: int) -> PipelineConfig:
+    return load(PipelineConfig, None, [
+        f"root={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}", f"domain_dir={tmp_path / 'domain'}",
+        "name=tiny", f"serve_port={port}", "cloze_examples=8", "eval_actors=1",
+        "pretrain_overrides=[model.preset=tiny, train.seq_len=32, train.micro_batch=2,"
+        " train.total_batch_tokens=64, train.max_steps=4, train.warmup_steps=1, train.autocast=fp32,"
+        " eval.val_every=2, eval.val_batches=2, eval.sample_every=0, checkpoint.every=0, scaling.num_workers=1]",
+        "finetune_overrides=[data.max_documents=12, data.seq_len=64, train.micro_batch=4, train.epochs=1,"
+        " train.autocast=fp32, search.epochs=1, 'search.lrs=[1.0e-3, 1.0e-4]', search.max_concurrent=1,"
+        " samples.max_tokens=8]",
+        "early_exit_overrides=[model.exit_layer=1, data.seq_len=32, data.micro_batch=4, data.train_batches=4,"
+        " data.val_batches=2, classifier.epochs=2, scaling.threads_per_worker=1]",
+    ])
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, tmp_path):
+    from ray import serve as ray_serve
+
+    from cluster.tracking import free_port
+
+    cfg = tiny_pipeline(tmp_path, free_port())
+    try:
+        first = run_pipeline(cfg, tracking_uri=mlflow_server)
+        assert list(first.results) == list(STAGES)
+        assert not any(r.cached for r in first.results.values())
+        served = first.results["serve"].outputs
+        with urllib.request.urlopen(f"{served['url']}/v1/models", timeout=30) as r:
+            assert {m["id"] for m in json.loads(r.read())["data"]} == {"pretrained", "finetuned", "early-exit"}
+        assert served["sample"].startswith("The Python language reference")
+        table = summary_table(first)
+        assert "fine-tune learning rate" in table and "early exit" in table
+
+        again = run_pipeline(cfg, tracking_uri=mlflow_server)
+        assert [s for s, r in again.results.items() if not r.cached] == ["serve"]  # serving is always redeployed
+        assert again.results["finetune"].outputs == first.results["finetune"].outputs
+
+        later = run_pipeline(cfg, from_stage="early_exit", tracking_uri=mlflow_server)
+        assert [s for s, r in later.results.items() if not r.cached] == ["early_exit", "serve"]
+        with pytest.raises(ValueError, match="choose one of"):
+            run_pipeline(cfg, from_stage="nope")
+    finally:
+        ray_serve.shutdown()
