@@ -88,6 +88,9 @@ class DecodeEngine:
         self._closed = False
         self._counters = collections.Counter()
         self._started = time.monotonic()
+        # OpenMP thread counts are per thread: a new thread starts from OMP_NUM_THREADS (which Ray sets to the
+        # replica's CPU count, often 1), not from the torch.set_num_threads of the thread that created it.
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
         self._thread.start()
 
@@ -163,6 +166,7 @@ class DecodeEngine:
     # ---- engine thread ----
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while True:
                 with self._wake:
