@@ -97,3 +97,22 @@ def test_bad_finetune_configs_fail_before_any_worker(domain, tmp_path):
         load_documents(config(domain, tmp_path, f"data.inputs=[{tmp_path / 'empty.txt'}]"))
     with pytest.raises(ValueError, match="plain.txt:1: text outside"):
         load_documents(config(domain, tmp_path, f"data.inputs=[{tmp_path / 'plain.txt'}]"))
+
+
+def test_wikitext2_is_domain_data_one_article_per_document(domain, tmp_path):
+    """data.dataset=wikitext-2 reads the train split (here a local copy in the original release's layout) and makes
+    each top-level article one document, sub-headings included."""
+    from cluster.finetune import load_documents
+
+    copy = tmp_path / "wikitext-2-raw"
+    copy.mkdir()
+    (copy / "wiki.train.raw").write_text(
+        " \n = Alpha = \n \n Alpha is first . \n \n = = History = = \n \n It began early . \n"
+        " \n = Beta = \n \n Beta comes second . \n"
+    )
+    cfg = config(domain, tmp_path, "data.dataset=wikitext-2", f"data.inputs=[{tmp_path}]", "data.txt_delimiter=null")
+    cfg.validate()
+    docs = load_documents(cfg)
+    assert len(docs) == 2
+    assert docs[0].startswith("= Alpha =") and "= = History = =" in docs[0] and "It began early" in docs[0]
+    assert docs[1].startswith("= Beta =") and "Beta comes second" in docs[1]
