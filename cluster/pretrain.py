@@ -10,8 +10,6 @@ workers' files into one checkpoint directory.
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.config import build, flatten, to_dict
 from cluster.pretrain_config import PretrainConfig
-from cluster.tracking import RunLogger
+from cluster.tracking import RunLogger, run_tags
 from gpt2 import GPT, get_tokenizer
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, peak_flops
@@ -226,25 +224,12 @@ def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path, c
 # ------------------------------------------------------------------------------------------------------- driver
 
 
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def make_trainer(cfg: PretrainConfig, tracking_uri: str | None = None) -> TorchTrainer:
     run_dir = Path(cfg.run_dir()).resolve()
     cfg_dict = to_dict(cfg)
     cfg_dict["run"]["root"] = str(Path(cfg.run.root).resolve())
     cfg_dict["data"]["shards"] = str(Path(cfg.data.shards).resolve())
-    tags = {
-        "git_commit": _git_commit(),
-        "ray_job_id": ray.get_runtime_context().get_job_id(),
-        "run_name": cfg.run.name,
-        "hardware": f"{cfg.scaling.num_workers}x {'GPU' if cfg.scaling.use_gpu else 'CPU'} ({platform.machine()})",
-    }
+    tags = run_tags(cfg.run.name, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pretrain": cfg_dict, "tracking_uri": tracking_uri, "tags": tags},
