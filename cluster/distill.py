@@ -37,6 +37,7 @@ from cluster.config import build, flatten, to_dict
 from cluster.models import is_mlflow_uri, load_model
 from cluster.pretrain import _due, _restore, _save_checkpoint
 from cluster.pretrain_config import CheckpointSection, DataSection, ModelSection, RunSection, ScalingSection
+from cluster.storage import local_run_root
 from cluster.tracking import RunLogger, run_tags
 from gpt2 import GPT
 from gpt2.checkpoint import read_config
@@ -97,6 +98,7 @@ class DistillConfig:
     def validate(self) -> None:
         """Everything that can be checked before a worker starts; raises ValueError naming the field."""
         student = self.student.build()
+        local_run_root(self.run.root, "distillation")
         if not self.distill.temperature > 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.distill.temperature}")
         if not 0 <= self.distill.alpha <= 1:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.models import is_mlflow_uri
+from cluster.storage import local_run_root
 from gpt2.checkpoint import read_config
 from gpt2.config import GPTConfig
 from gpt2.data import ShardedTokenLoader
@@ -84,6 +85,7 @@ class EarlyExitConfig:
         The model's shape is checked here for a local directory; an MLflow model is checked by the driver once it
         is downloaded (`check_model`).
         """
+        local_run_root(self.run.root, "early-exit training")
         d, c = self.data, self.classifier
         for name, value in (("data.seq_len", d.seq_len), ("data.micro_batch", d.micro_batch),
                             ("data.train_batches", d.train_batches), ("classifier.hidden_dim", c.hidden_dim),

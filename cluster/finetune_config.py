@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.models import is_mlflow_uri
+from cluster.storage import local_run_root
 from gpt2.lora import TARGETS, LoRAConfig
 
 # The seeds' learning-rate grid: 6 values from 1e-4 to 7e-3.
@@ -110,6 +111,7 @@ class FinetuneConfig:
     def validate(self, search: bool = False) -> None:
         """What can be checked before any worker starts; raises ValueError naming the field."""
         t, s = self.train, self.search
+        local_run_root(self.run.root, "fine-tuning")
         if t.mode not in ("full", "lora"):
             raise ValueError(f"train.mode must be 'full' or 'lora', got {t.mode!r}")
         for name in ("epochs", "micro_batch"):

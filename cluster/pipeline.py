@@ -19,6 +19,7 @@ from typing import Callable
 
 from cluster.config import load, to_dict
 from cluster.ray_env import PROJECT_ROOT
+from cluster.storage import local_run_root
 
 STAGES = ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve")
 
@@ -44,6 +45,7 @@ class PipelineConfig:
     tracking_uri: str | None = None
 
     def pipeline_dir(self) -> Path:
+        local_run_root(self.root, "the pipeline", field="root")  # its stages pass files to each other through this folder
         return Path(self.root).resolve() / "pipeline" / self.name
 
 

@@ -20,6 +20,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster import storage
 from cluster.config import build, flatten, to_dict
 from cluster.pretrain_config import PretrainConfig
 from cluster.tracking import RunLogger, run_tags
@@ -40,6 +41,7 @@ from gpt2.train import (
 )
 
 TRAINER_STATE = "trainer_state.pt"
+RUN_STATE = ("metrics.jsonl", "mlflow_run_id")  # what a resumed run needs from its run directory
 
 
 def _worker_state_file(rank: int) -> str:
@@ -82,14 +84,16 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray sets OMP_NUM_THREADS from the worker's CPUs (1 when fractional); torch needs its own setting.
     torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    run_dir = Path(cfg.run_dir())
+    run = storage.RunDir(cfg.run_dir())
+    run_dir = run.local
+    shards = storage.local_shards(cfg.data.shards)
 
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model.build()).to(device)
     optimizer = make_optimizer(model, cfg.train, device.type)
     accum = cfg.train.grad_accum_steps(world)
     B, T = cfg.train.micro_batch, cfg.train.seq_len
-    loader = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="train", seed=cfg.train.seed)
+    loader = ShardedTokenLoader(shards, B, T, rank=rank, world_size=world, split="train", seed=cfg.train.seed)
 
     state = {"step": 0, "best_val_loss": float("inf")}
     checkpoint = ray.train.get_checkpoint()
@@ -106,6 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     logger = None
     if rank == 0:
+        run.pull(*RUN_STATE)  # a resumed run continues its MLflow run and metrics history, whichever node it is on
         logger = RunLogger(
             run_dir, experiment=cfg.run.experiment, run_name=cfg.run.name, uri=config.get("tracking_uri"),
             params=flatten(config["pretrain"]), tags=config.get("tags", {}),
@@ -126,11 +131,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validate(step: int) -> float:
         """Validation loss after `step` updates (every rank takes part); rank 0 exports a new best model."""
-        val = ShardedTokenLoader(cfg.data.shards, B, T, rank=rank, world_size=world, split="val", seed=0)
+        val = ShardedTokenLoader(shards, B, T, rank=rank, world_size=world, split="val", seed=0)
         loss = evaluate_loss(model, iter(val), cfg.eval.val_batches, device=device, autocast=autocast)
         if logger and loss < state["best_val_loss"]:
-            card = _card_fields(model, cfg, step, {"val_loss": loss}, world)
+            card = _card_fields(model, cfg, shards, step, {"val_loss": loss}, world)
             model.save_pretrained(str(run_dir / "best"), extra=lambda d: write_model_card(d, model.config, **card))
+            run.push("best")
         state["best_val_loss"] = min(state["best_val_loss"], loss)
         return loss
 
@@ -155,6 +161,8 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
         state["step"] = step + 1
         if _due(step, cfg.checkpoint.every, last):
+            if logger:
+                run.push(*RUN_STATE, "samples")
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = _save_checkpoint(model, optimizer, loader, rank, dict(state), Path(tmp))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)))
@@ -163,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     final = {"val_loss": validate(cfg.train.max_steps), **(hellaswag_metrics() if hellaswag else {})}
     if logger:
         logger.log_metrics(final, cfg.train.max_steps)
-        _finish(model, cfg, logger, run_dir, _card_fields(model, cfg, cfg.train.max_steps, final, world))
+        _finish(model, cfg, logger, run, _card_fields(model, cfg, shards, cfg.train.max_steps, final, world))
 
 
 def _hellaswag_examples(cfg: PretrainConfig) -> list[HellaSwagExample] | None:
@@ -180,14 +188,16 @@ def _samples(model: GPT, cfg: PretrainConfig) -> str:
     return "\n\n".join(f"{p}{enc.decode(o)}" for p, o in zip(cfg.eval.sample_prompts, outs)) + "\n"
 
 
-def _card_fields(model: GPT, cfg: PretrainConfig, step: int, evaluation: dict[str, float], world: int) -> dict:
+def _card_fields(
+    model: GPT, cfg: PretrainConfig, shards: str, step: int, evaluation: dict[str, float], world: int
+) -> dict:
     """render_model_card's arguments for the model after `step` updates, from what the run recorded."""
     examples = f"first {cfg.eval.hellaswag_limit} examples" if cfg.eval.hellaswag_limit else "all 10,042 examples"
     return {
         "params": model.num_params(),
         "name": cfg.run.name,
         "training": {
-            "data": shards_description(cfg.data.shards),
+            "data": shards_description(shards, origin=cfg.data.shards),
             "tokens_seen": step * cfg.train.total_batch_tokens,
             "optimizer_steps": step,
             "hardware": f"{world} {'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s), Ray Train DDP",
@@ -205,11 +215,12 @@ def _card_fields(model: GPT, cfg: PretrainConfig, step: int, evaluation: dict[st
     }
 
 
-def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path, card: dict) -> None:
+def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run: storage.RunDir, card: dict) -> None:
     """Rank 0 after the last step: the final model directory with its card, the loss plot, the registered MLflow
     model (the card is in its files, and in the run's artifacts as README.md)."""
     from cluster.plots import plot_training_curves
 
+    run_dir = run.local
     final = run_dir / "final"
     model.save_pretrained(str(final), extra=lambda d: write_model_card(d, model.config, **card))
     logger.flush(force=True)  # deliver anything held back while the server was unreachable before the artifacts
@@ -219,16 +230,17 @@ def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run_dir: Path, c
     logger.log_text(render_model_card(model.config, **card), "README.md")
     logger.log_model(final, registered_name=cfg.run.name)
     logger.close()
+    run.push("final", "loss.png", "samples", *RUN_STATE)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
 
 
 def make_trainer(cfg: PretrainConfig, tracking_uri: str | None = None) -> TorchTrainer:
-    run_dir = Path(cfg.run_dir()).resolve()
+    run_dir = storage.absolute(cfg.run_dir())
     cfg_dict = to_dict(cfg)
-    cfg_dict["run"]["root"] = str(Path(cfg.run.root).resolve())
-    cfg_dict["data"]["shards"] = str(Path(cfg.data.shards).resolve())
+    cfg_dict["run"]["root"] = storage.absolute(cfg.run.root)  # workers may start in another directory
+    cfg_dict["data"]["shards"] = storage.absolute(cfg.data.shards)
     tags = run_tags(cfg.run.name, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     return TorchTrainer(
         train_loop_per_worker,
@@ -240,7 +252,7 @@ def make_trainer(cfg: PretrainConfig, tracking_uri: str | None = None) -> TorchT
         ),
         run_config=RunConfig(
             name="train",
-            storage_path=str(run_dir),  # the same run name again finds these checkpoints and resumes
+            storage_path=run_dir,  # the same run name again finds these checkpoints and resumes
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
@@ -249,5 +261,6 @@ def make_trainer(cfg: PretrainConfig, tracking_uri: str | None = None) -> TorchT
 
 def run_pretraining(cfg: PretrainConfig, tracking_uri: str | None = None) -> ray.train.Result:
     cfg.validate()
-    os.makedirs(cfg.run_dir(), exist_ok=True)
+    if not storage.is_uri(cfg.run_dir()):
+        os.makedirs(cfg.run_dir(), exist_ok=True)
     return make_trainer(cfg, tracking_uri).fit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster import storage
 from gpt2.config import GPTConfig, preset
 from gpt2.train import TrainConfig
 
@@ -28,7 +29,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    shards: str = "data/fineweb-edu"  # a directory with manifest.json (from jobs/prepare_data.py)
+    shards: str = "data/fineweb-edu"  # a folder or s3:// / gs:// URI with manifest.json (from jobs/prepare_data.py)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ScalingSection:
 class RunSection:
     experiment: str = "pretrain"
     name: str = "gpt2-124m"  # the same name again resumes the run
-    root: str = "runs"  # runs/<experiment>/<name>/ ; an s3:// URI on a cluster
+    root: str = "runs"  # runs/<experiment>/<name>/ ; on a multi-node cluster shared storage or an s3:// / gs:// URI
     max_failures: int = 2  # worker-group restarts from the newest checkpoint before giving up
     tracking_uri: str | None = None  # MLflow; default: $MLFLOW_TRACKING_URI, else the local server
 
@@ -89,13 +90,11 @@ class PretrainConfig:
             raise ValueError("scaling.num_workers must be >= 1")
         if self.eval.hellaswag_path and not Path(self.eval.hellaswag_path).is_file():
             raise ValueError(f"eval.hellaswag_path={self.eval.hellaswag_path}: no such file")
-        if not self.run.root.startswith(("s3://", "gs://")):
-            manifest = Path(self.data.shards) / "manifest.json"
-            if not manifest.is_file():
-                raise ValueError(
-                    f"data.shards={self.data.shards}: no manifest.json there; prepare the data first"
-                    " (python jobs/prepare_data.py ...)"
-                )
+        if not storage.exists(f"{self.data.shards.rstrip('/')}/manifest.json"):
+            raise ValueError(
+                f"data.shards={self.data.shards}: no manifest.json there; prepare the data first"
+                " (python jobs/prepare_data.py ...)"
+            )
 
     def run_dir(self) -> str:
         return f"{self.run.root.rstrip('/')}/{self.run.experiment}/{self.run.name}"

@@ -181,8 +181,13 @@ class RunLogger:
         self._pending.append((metrics, step, timestamp))
         self.flush()
 
+    def _backing_off(self, force: bool) -> bool:
+        """True while the server failed less than RETRY_SECONDS ago: a server that went away mid-run (after the run
+        was created) costs one failed request per RETRY_SECONDS, not one per step."""
+        return not force and time.monotonic() < self._next_try
+
     def flush(self, force: bool = False) -> None:
-        if not self._pending or not self._connect(force):
+        if not self._pending or self._backing_off(force) or not self._connect(force):
             return
         from mlflow.entities import Metric
 
@@ -190,9 +195,13 @@ class RunLogger:
             batch = [Metric(k, float(v), ts, step) for m, step, ts in self._pending for k, v in m.items()]
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
-            self._pending.clear()
         except Exception as e:
             self._offline(e)
+            return
+        if self._warned:
+            print(f"MLflow at {self.uri} is reachable again: uploaded {len(self._pending)} held-back steps", file=sys.stderr)
+            self._warned = False  # a later outage is reported again
+        self._pending.clear()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self.run_dir / artifact_file
@@ -224,7 +233,7 @@ class RunLogger:
             return None
 
     def _try(self, fn) -> None:
-        if self._connect():
+        if not self._backing_off(force=False) and self._connect():
             try:
                 fn()
             except Exception as e:

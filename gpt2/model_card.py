@@ -122,9 +122,11 @@ def write_model_card(directory: str | os.PathLike, config: GPTConfig | None = No
     return path
 
 
-def shards_description(directory: str | os.PathLike) -> str:
-    """What a shard folder (jobs/prepare_data.py's output) holds, from its manifest.json, for the Training table."""
+def shards_description(directory: str | os.PathLike, origin: str | None = None) -> str:
+    """What a shard folder (jobs/prepare_data.py's output) holds, from its manifest.json, for the Training table.
+    `origin` names where the shards came from when `directory` is a local copy of them."""
     manifest_path = Path(directory) / "manifest.json"
+    directory = origin or directory
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):

@@ -107,6 +107,11 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_doc_chars=args.max_doc_chars,
     )
     name = args.name or DEFAULT_NAMES[args.source]
+    if args.output and "://" in args.output:
+        raise ValueError(
+            f"--output {args.output}: shards are written to a folder (on a cluster, shared storage such as"
+            " /mnt/shared); copy them to object storage afterwards, and pretraining reads them from there"
+        )
     return PrepareConfig(
         source=spec,
         output_dir=args.output or f"data/{name}",

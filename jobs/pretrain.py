@@ -4,6 +4,7 @@
   ray job submit --working-dir . -- python jobs/pretrain.py --config configs/gpt2-124m-fineweb-edu.yaml
 
 Re-running with the same run.name resumes from the newest checkpoint and continues the same MLflow run.
+On a multi-node cluster run.root and data.shards may be s3:// or gs:// URIs (or a shared filesystem path).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from cluster.config import ConfigError, load, to_dict
 from cluster.pretrain_config import PretrainConfig
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(to_dict(cfg), indent=2))
         return
 
+    from cluster import storage
     from cluster.pretrain import run_pretraining
     from cluster.ray_env import init_ray
     from cluster.tracking import read_metrics, tracking_uri
@@ -51,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     result = run_pretraining(cfg, cfg.run.tracking_uri)
     if result.error:
         sys.exit(f"error: training failed: {result.error}")
-    rows = read_metrics(cfg.run_dir())
+    run = storage.RunDir(storage.absolute(cfg.run_dir()))
+    run.pull("metrics.jsonl", "samples")  # a remote run directory is read through this machine's mirror
+    rows = read_metrics(run.local)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
-    final = Path(cfg.run_dir()) / "final"
     print(f"validation loss: {val[0]:.3f} (first) -> {val[-1]:.3f} (last)" if val else "no validation measured")
-    print(f"final model: {final.resolve()}")
+    print(f"final model: {run.uri('final') if run.remote else run.local / 'final'}")
     print(f"newest checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
-    samples = sorted((Path(cfg.run_dir()) / "samples").glob("*.txt"))
+    samples = sorted((run.local / "samples").glob("*.txt"))
     if samples:
         print(f"sample ({samples[-1].name}):\n{samples[-1].read_text()}")
 

@@ -16,13 +16,17 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tmp_path_factory):
     """A local Ray instance for the session, shut down at the end. 4 logical CPUs on 2 cores lets a 2-worker
     Train run and a Data actor pool coexist; tests never assert timings."""
     from cluster.ray_env import init_ray  # first: the cluster package sets Ray's auth mode before Ray is imported
+    from cluster.storage import CACHE_ENV
 
     import ray
 
+    # Node-local copies of remote runs and shards go to a temporary folder, not the user's cache; Ray's processes
+    # inherit the variable from this one.
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("node-cache"))
     init_ray("local", num_cpus=4)
     yield ray
     ray.shutdown()

@@ -72,7 +72,7 @@ def test_pretraining_export_card_reports_what_the_run_recorded(tmp_path, tiny_mo
     cfg = load(PretrainConfig, None, ["model.preset=tiny", f"data.shards={shards}", "train.seq_len=32",
                                       "train.micro_batch=2", "train.total_batch_tokens=128", "eval.val_batches=4",
                                       "eval.hellaswag_limit=6", "run.name=card-test"])
-    fields = _card_fields(tiny_model, cfg, 40, {"val_loss": 4.25, "hellaswag_acc_norm": 0.5}, world=2)
+    fields = _card_fields(tiny_model, cfg, str(shards), 40, {"val_loss": 4.25, "hellaswag_acc_norm": 0.5}, world=2)
     path = write_model_card(tmp_path, tiny_model.config, **fields)
     text = path.read_text()
     assert f"| data | files (notes/): 250,000 training tokens in {shards} |" in text

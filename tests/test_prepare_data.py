@@ -437,3 +437,9 @@ def test_the_job_rebuilds_a_damaged_output_from_the_command_line(
 
     assert job.main([*args, "--shard-tokens", "50"]) == 1  # other settings, no --overwrite: refused, nothing touched
     assert "--overwrite" in capsys.readouterr().err and shard_bytes(tmp_path) == reference
+
+
+def test_an_object_storage_output_is_refused_before_anything_runs(capsys):
+    assert load_job().main(["--source", "python-docs", "--output", "s3://bucket/shards"]) == 2
+    err = capsys.readouterr().err
+    assert "--output s3://bucket/shards" in err and "copy them to object storage afterwards" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster import storage
 from cluster.config import load
 from cluster.pretrain import run_pretraining
 from cluster.pretrain_config import PretrainConfig
@@ -27,18 +29,18 @@ def shards(tmp_path_factory):
     return write_python_docs_shards(tmp_path_factory.mktemp("shards"))
 
 
-def tiny_config(shards: Path, root: Path, name: str, *overrides: str) -> PretrainConfig:
-    return load(
-        PretrainConfig,
-        None,
-        [
-            "model.preset=tiny", "model.block_size=64", f"data.shards={shards}", "train.seq_len=32",
-            "train.micro_batch=2", "train.total_batch_tokens=128", "train.max_steps=6", "train.warmup_steps=2",
-            "train.max_lr=1e-2", "train.autocast=fp32", "eval.val_every=3", "eval.val_batches=4", "eval.sample_every=0",
-            "eval.sample_tokens=8", "checkpoint.every=3", "scaling.num_workers=2", "scaling.use_gpu=false",
-            f"run.root={root}", f"run.name={name}", *overrides,
-        ],
-    )
+def tiny_overrides(shards: Path | str, root: Path | str, name: str, *overrides: str) -> list[str]:
+    return [
+        "model.preset=tiny", "model.block_size=64", f"data.shards={shards}", "train.seq_len=32",
+        "train.micro_batch=2", "train.total_batch_tokens=128", "train.max_steps=6", "train.warmup_steps=2",
+        "train.max_lr=1e-2", "train.autocast=fp32", "eval.val_every=3", "eval.val_batches=4", "eval.sample_every=0",
+        "eval.sample_tokens=8", "checkpoint.every=3", "scaling.num_workers=2", "scaling.use_gpu=false",
+        f"run.root={root}", f"run.name={name}", *overrides,
+    ]
+
+
+def tiny_config(shards: Path | str, root: Path | str, name: str, *overrides: str) -> PretrainConfig:
+    return load(PretrainConfig, None, tiny_overrides(shards, root, name, *overrides))
 
 
 def losses(cfg: PretrainConfig) -> list[float]:
@@ -111,22 +113,32 @@ def reference_losses(ray_session, shards, mlflow_server, tmp_path_factory):
     return losses(cfg)
 
 
-def test_resubmitting_resumes_bit_for_bit(shards, mlflow_server, reference_losses, tmp_path):
-    # Stop after step 3 (a checkpoint), then submit the same run name again with the full length.
-    part = tiny_config(shards, tmp_path, "resumed", "train.max_steps=3")
+def test_remote_run_root_and_shards_resume_on_a_node_that_never_saw_the_run(
+    ray_session, shards, mlflow_server, reference_losses, tmp_path
+):
+    """run.root and data.shards as URIs. file:// goes through the same pyarrow filesystem code as s3:// and gs://:
+    shards copied to a node-local cache, checkpoints written by Ray Train to the URI, the run directory mirrored."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(shards, bucket / "shards")
+    remote = (f"file://{bucket}/shards", f"file://{bucket}/runs")
+    part = tiny_config(remote[0], remote[1], "remote", "train.max_steps=3")
     assert run_pretraining(part, mlflow_server).error is None
-    first_run_id = (Path(part.run_dir()) / "mlflow_run_id").read_text()
-    resumed = tiny_config(shards, tmp_path, "resumed")
+    run_dir = bucket / "runs" / "pretrain" / "remote"
+    first_run_id = (run_dir / "mlflow_run_id").read_text()
+    assert len(read_metrics(run_dir)) > 0 and (run_dir / "best" / "model.safetensors").exists()
+    # Resume as a different node would: no mirror of the run and no copy of the shards on this one.
+    shutil.rmtree(storage.cache_root())
+    resumed = tiny_config(remote[0], remote[1], "remote")
     assert run_pretraining(resumed, mlflow_server).error is None
-    assert losses(resumed) == reference_losses  # exact equality: same batches, same RNG, same optimizer state
-    assert (Path(resumed.run_dir()) / "mlflow_run_id").read_text() == first_run_id
-    history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
-    assert sorted({m.step for m in history}) == list(range(6))
+    assert [r["loss"] for r in read_metrics(run_dir) if "loss" in r] == reference_losses
+    assert (run_dir / "mlflow_run_id").read_text() == first_run_id
+    assert sorted({m.step for m in MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")}) == list(range(6))
+    GPT.from_pretrained(str(run_dir / "final"))
+    assert any((run_dir / "train").glob("checkpoint_*/trainer_state.pt"))
+    assert not list(Path.cwd().glob("file:*"))  # URIs are never taken for local relative paths
 
 
 def test_killed_worker_restarts_from_checkpoint_bit_for_bit(ray_session, shards, mlflow_server, reference_losses, tmp_path):
-    from ray.util.state import list_actors
-
     cfg = tiny_config(shards, tmp_path, "killed", "eval.val_every=0")
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, mlflow_server)))
@@ -135,16 +147,78 @@ def test_killed_worker_restarts_from_checkpoint_bit_for_bit(ray_session, shards,
     while len(losses(cfg)) < 4:  # the step-3 checkpoint exists once step 4 is logged
         assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 4"
         time.sleep(0.2)
-    workers = list_actors(
-        address=ray_session.get_runtime_context().gcs_address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
+    workers = alive_train_workers(ray_session)
     killed_at = time.monotonic()
     os.kill(workers[-1].pid, signal.SIGKILL)
     fit.join(timeout=600)
     assert outcome["result"].error is None
     print(f"recovered and finished {time.monotonic() - killed_at:.1f}s after the kill")
     assert losses(cfg) == reference_losses
+
+
+def alive_train_workers(ray_session) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=ray_session.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+
+
+def registered_checkpoints(cfg: PretrainConfig) -> list[str]:
+    snapshot = Path(cfg.run_dir()) / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+
+
+def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shards, mlflow_server, reference_losses, tmp_path):
+    """SIGKILL the job's driver process mid-run (Ray then ends the run's controller and workers), leave behind what a
+    crash in the middle of persisting a checkpoint leaves (a newer checkpoint folder, half written), and submit the
+    same run name again: it resumes from the last complete checkpoint, into the same MLflow run, with the losses of
+    an uninterrupted run."""
+    overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", f"run.tracking_uri={mlflow_server}")
+    cfg = load(PretrainConfig, None, overrides)
+    gcs = ray_session.get_runtime_context().gcs_address
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "jobs/pretrain.py", "--address", gcs, *overrides],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        # A checkpoint counts once Ray Train's controller has registered it in the run's snapshot; one still only on
+        # disk when the driver dies is ignored on resume, like a half-written one.
+        while not registered_checkpoints(cfg):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was registered"
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    killed_at = time.monotonic()
+    assert len(losses(cfg)) < 6, "the run finished before the driver was killed"
+    first_run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
+    while alive_train_workers(ray_session):  # Ray ends a dead driver's actors; the new run must not race them
+        assert time.monotonic() < killed_at + 120, "the killed driver's workers were never stopped"
+        time.sleep(0.5)
+
+    train_dir = Path(cfg.run_dir()) / "train"
+    complete = train_dir / registered_checkpoints(cfg)[-1]
+    torn = train_dir / "checkpoint_2099-12-31_23-59-59.999999"
+    torn.mkdir()
+    shutil.copy(complete / "config.json", torn)
+    (torn / "model.safetensors").write_bytes((complete / "model.safetensors").read_bytes()[:1000])
+
+    assert run_pretraining(cfg, mlflow_server).error is None
+    print(f"resubmitted run finished {time.monotonic() - killed_at:.1f}s after the driver was killed")
+    assert losses(cfg) == reference_losses
+    assert (Path(cfg.run_dir()) / "mlflow_run_id").read_text() == first_run_id
+    run = MlflowClient(mlflow_server).get_run(first_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "3"
+    history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(6))
 
 
 def test_unreachable_mlflow_keeps_metrics_locally(ray_session, shards, tmp_path):

@@ -1,0 +1,138 @@
+"""Run directories and shard folders in object storage (s3://, gs://, or any URI pyarrow understands).
+
+On a multi-node cluster the run root is usually a bucket. Ray Train writes its checkpoints to a URI storage path by
+itself; everything else a job keeps in its run directory (metrics.jsonl, mlflow_run_id, samples/, best/, final/,
+plots) is written by libraries that need a local path (safetensors, matplotlib, MLflow's artifact upload). So a
+remote run directory has a node-local mirror: the job writes there and pushes what changed; a resumed job on another
+node pulls the small state files first, so it continues the same MLflow run and the same metrics history.
+
+Shards are memory-mapped by the loader, so remote shards are copied to a node-local cache once per node.
+Local paths pass through everything here unchanged, so callers need no special case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+CACHE_ENV = "GPT2_RAY_CACHE"  # where node-local mirrors and shard copies live; default ~/.cache/gpt2-ray
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-ray")
+
+
+def local_cache_dir(uri: str, kind: str) -> Path:
+    """A node-local directory standing for `uri`: readable (the URI's own path) and unique (a hash of the whole URI)."""
+    scheme, _, rest = uri.partition("://")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    name = rest.strip("/").replace("/", "_")[-80:]
+    return cache_root() / kind / f"{scheme}_{name}_{digest}"
+
+
+def absolute(location: str) -> str:
+    """A location that means the same thing from any working directory: URIs as given, local paths made absolute."""
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with messages that do not name the setting
+        raise ValueError(f"{uri}: cannot open this storage URI ({e})") from e
+
+
+def exists(location: str) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    fs, path = _filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+class RunDir:
+    """A run directory that may live in object storage: `local` is where the job reads and writes; `push` and `pull`
+    copy named files or folders between it and the remote directory (no-ops when the run directory is local)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.rstrip("/")
+        self.remote = is_uri(location)
+        self.local = local_cache_dir(self.location, "runs") if self.remote else Path(location)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def uri(self, name: str) -> str:
+        return f"{self.location}/{name}"
+
+    def push(self, *names: str) -> None:
+        """Upload these entries of the local directory. Files are uploaded whole, and a folder's config.json (the
+        file that makes a model directory loadable) last, so a reader never sees a config without its weights."""
+        if not self.remote:
+            return
+        fs, root = _filesystem(self.location)
+        for name in names:
+            source = self.local / name
+            if source.is_dir():
+                files = sorted(p for p in source.rglob("*") if p.is_file())
+                files.sort(key=lambda p: p.name == "config.json")
+                for f in files:
+                    _upload_file(f, fs, f"{root}/{name}/{f.relative_to(source).as_posix()}")
+            elif source.is_file():
+                _upload_file(source, fs, f"{root}/{name}")
+
+    def pull(self, *names: str) -> None:
+        """Download these entries (files or folders) when they exist remotely; missing ones are skipped."""
+        if not self.remote:
+            return
+        fs, root = _filesystem(self.location)
+        for name in names:
+            info = fs.get_file_info(f"{root}/{name}")
+            if info.type == pafs.FileType.File:
+                _download_file(fs, info.path, self.local / name)
+            elif info.type == pafs.FileType.Directory:
+                for entry in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+                    if entry.type == pafs.FileType.File:
+                        _download_file(fs, entry.path, self.local / name / entry.path[len(info.path) + 1:])
+
+
+def _upload_file(source: Path, fs: pafs.FileSystem, path: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(source, "rb") as src, fs.open_output_stream(path) as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+
+
+def _download_file(fs: pafs.FileSystem, path: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    with fs.open_input_stream(path) as src, open(partial, "wb") as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+    os.replace(partial, target)
+
+
+def local_shards(location: str) -> str:
+    """A local folder holding the shards at `location`: the folder itself, or this node's verified copy of a remote
+    one (copied once; later calls and other workers on the node find the files in place)."""
+    if not is_uri(location):
+        return location
+    from cluster.data_pipeline import copy_shards_to_local  # imports Ray Data; only remote shards need it
+
+    return str(copy_shards_to_local(location, local_cache_dir(location, "shards")))
+
+
+def local_run_root(root: str, job: str, field: str = "run.root") -> None:
+    """Refuse a URI run root for a job whose run directory is only written locally (pretraining mirrors its run
+    directory to object storage; the smaller jobs run on one node or on a shared filesystem)."""
+    if is_uri(root):
+        raise ValueError(
+            f"{field}={root}: {job} writes its run directory on a filesystem; give a local or shared-filesystem path"
+            " (URI run roots are supported by pretraining)"
+        )
