@@ -6,11 +6,14 @@ an unknown key or a value of the wrong type is an error that names it, before an
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -136,3 +139,36 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# ------------------------------------------------------------------------------------------ config-driven jobs
+
+
+def job_parser(doc: str, config_help: str, overrides_example: str) -> argparse.ArgumentParser:
+    """The command line every config-driven job shares: --config, section.key=value overrides, --address and
+    --print-config. A job adds its own flags to the parser it gets back."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {overrides_example}")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def config_for_job(
+    cls: type[T], args: argparse.Namespace, prepare: Callable[[T], T] | None = None, validate: Callable[[T], None] | None = None
+) -> T:
+    """The job's config from --config and the overrides, adjusted by `prepare` and checked by `validate` (default:
+    the config's own validate()). A bad config ends the job with `error: ...` naming the field; --print-config
+    prints the resolved config and ends it."""
+    try:
+        cfg = load(cls, args.config, args.overrides)
+        if prepare is not None:
+            cfg = prepare(cfg)
+        (validate or (lambda c: c.validate()))(cfg)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        sys.exit(0)
+    return cfg

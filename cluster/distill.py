@@ -35,7 +35,6 @@ from cluster.compression import (
 )
 from cluster.config import build, flatten, to_dict
 from cluster.models import is_mlflow_uri, load_model
-from cluster.pretrain import _due, _restore, _save_checkpoint
 from cluster.pretrain_config import CheckpointSection, DataSection, ModelSection, RunSection, ScalingSection
 from cluster.storage import local_run_root
 from cluster.tracking import RunLogger, run_tags
@@ -54,6 +53,7 @@ from gpt2.train import (
     seed_everything,
     train_step,
 )
+from gpt2.train_checkpoint import is_due, load_training_checkpoint, save_training_checkpoint
 
 # ------------------------------------------------------------------------------------------------------ config
 
@@ -199,7 +199,7 @@ def distill_loop(cfg: DistillConfig, worker: _RayWorker | _InProcess, tracking_u
     checkpoint = worker.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = _restore(Path(d), student, optimizer, loader, rank)
+            state = load_training_checkpoint(Path(d), student, optimizer, loader, rank)
     trained = worker.wrap(distiller)
     amp = autocast_context(
         autocast_dtype(cfg.train.autocast, device.type, device.type == "cuda" or cpu_has_fast_bf16()), device.type
@@ -227,9 +227,9 @@ def distill_loop(cfg: DistillConfig, worker: _RayWorker | _InProcess, tracking_u
         if logger:
             logger.log_metrics(metrics, step)
         state["step"] = step + 1
-        if worker.keeps_checkpoints and _due(step, cfg.checkpoint.every, last):
+        if worker.keeps_checkpoints and is_due(step, cfg.checkpoint.every, last):
             with tempfile.TemporaryDirectory() as tmp:
-                worker.report(metrics, _save_checkpoint(student, optimizer, loader, rank, dict(state), Path(tmp)))
+                worker.report(metrics, save_training_checkpoint(student, optimizer, loader, rank, dict(state), Path(tmp)))
         else:
             worker.report(metrics, None)
     final = {"val_loss": val_loss(student), "teacher_val_loss": teacher_val_loss}

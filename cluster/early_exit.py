@@ -32,7 +32,6 @@ import json
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -46,7 +45,7 @@ from cluster.early_exit_config import EarlyExitConfig
 from cluster.models import is_mlflow_uri, local_model_dir
 from cluster.tracking import RunLogger
 from gpt2 import GPT
-from gpt2.checkpoint import replace_directory, resolve_hub_name
+from gpt2.checkpoint import atomic_directory, resolve_hub_name
 from gpt2.data import IGNORE_INDEX, ShardedTokenLoader
 from gpt2.early_exit import (
     EXIT_CONFIG_FILE,
@@ -132,15 +131,8 @@ def write_calibration_csv(rows: Sequence[dict], chosen_tau: float, path: str | P
 
 def copy_base_checkpoint(source: str | Path, target: str | Path) -> None:
     """Make `target` a copy of the base checkpoint's model files, replacing any earlier `target` in one rename."""
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(target, create=False) as tmp:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------- the worker

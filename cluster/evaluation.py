@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -274,3 +275,25 @@ class _Scorer:
             "amount": np.array([amount for _, amount, _ in scored], dtype=np.int64),
             "result": np.array([result for _, _, result in scored]),
         }
+
+
+def log_evaluation(
+    model_source: str, metrics: Mapping[str, float], results_file: Path, *, run_name: str,
+    params: Mapping[str, object] | None = None, uri: str | None = None,
+) -> str:
+    """Log a model's metrics (as eval/<name>) and the results file to MLflow: into the training run whose checkpoint
+    this is (its run directory keeps the MLflow run id), else into a new run `run_name` of the 'evaluate'
+    experiment, kept beside the results file. Returns where they went, for the job's output."""
+    from cluster.tracking import RunLogger
+
+    source = Path(model_source)
+    run_dir = next((d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
+    if run_dir is not None:
+        logger = RunLogger(run_dir, experiment="unused: the run already exists", run_name=run_dir.name, uri=uri)
+    else:
+        logger = RunLogger(results_file.parent / "mlflow" / run_name, experiment="evaluate", run_name=run_name,
+                           uri=uri, params=dict(params or {}))
+    logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
+    logger.log_artifact(results_file, "eval")
+    logger.close()
+    return f"run {logger.run_id}" if logger.run_id else f"(server unreachable; kept in {logger.jsonl})"

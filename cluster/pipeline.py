@@ -140,9 +140,8 @@ class Pipeline:
         return self.run_stage("pretrain", {"config": to_dict(p), "prepare": self.key("prepare")}, run, force)
 
     def evaluate(self, force: bool) -> StageResult:
-        from cluster.evaluation import ActorPool, EvalSettings, evaluate
+        from cluster.evaluation import ActorPool, EvalSettings, evaluate, log_evaluation
         from cluster.models import load_model
-        from cluster.tracking import RunLogger
         from gpt2.data import split_tokens
         from gpt2.hellaswag import load_hellaswag
 
@@ -158,10 +157,7 @@ class Pipeline:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"model": pre["final"], "hellaswag_file": hellaswag, "metrics": metrics}, indent=2))
             # Into the pretraining run's MLflow record (its run id is kept in the run directory).
-            logger = RunLogger(pre["run_dir"], experiment="pretrain", run_name=self.cfg.name, uri=self.tracking_uri)
-            logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
-            logger.log_artifact(out, "eval")
-            logger.close()
+            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name, uri=self.tracking_uri)
             return {"results": str(out), "metrics": metrics}
 
         return self.run_stage("evaluate", {"pretrain": self.key("pretrain"), "hellaswag": hellaswag,

@@ -29,52 +29,10 @@ from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, peak_flops
 from gpt2.hellaswag import HellaSwagExample, download_hellaswag, evaluate_hellaswag, load_hellaswag
 from gpt2.model_card import render_model_card, shards_description, write_model_card
-from gpt2.train import (
-    autocast_context,
-    autocast_dtype,
-    evaluate_loss,
-    make_optimizer,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    train_step,
-)
+from gpt2.train import autocast_context, autocast_dtype, evaluate_loss, make_optimizer, seed_everything, train_step
+from gpt2.train_checkpoint import is_due, load_training_checkpoint, save_training_checkpoint
 
-TRAINER_STATE = "trainer_state.pt"
 RUN_STATE = ("metrics.jsonl", "mlflow_run_id")  # what a resumed run needs from its run directory
-
-
-def _worker_state_file(rank: int) -> str:
-    return f"worker_state_rank{rank}.pt"
-
-
-def _restore(directory: Path, model: GPT, optimizer, loader: ShardedTokenLoader, rank: int) -> dict:
-    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-    model.load_state_dict(GPT.from_pretrained(str(directory)).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    worker = torch.load(directory / _worker_state_file(rank), map_location="cpu", weights_only=True)
-    loader.load_state_dict(worker["loader"])
-    set_rng_state(worker["rng"])
-    return state
-
-
-def _save_checkpoint(model: GPT, optimizer, loader: ShardedTokenLoader, rank: int, trainer_state: dict, tmp: Path) -> Path:
-    ckpt = tmp / "checkpoint"
-    worker_state = {"loader": loader.state_dict(), "rng": rng_state()}
-    if rank == 0:
-        def extra(d: Path) -> None:
-            torch.save({**trainer_state, "optimizer": optimizer.state_dict()}, d / TRAINER_STATE)
-            torch.save(worker_state, d / _worker_state_file(rank))
-
-        model.save_pretrained(str(ckpt), extra=extra)
-    else:
-        ckpt.mkdir()
-        torch.save(worker_state, ckpt / _worker_state_file(rank))
-    return ckpt
-
-
-def _due(step: int, every: int, last: bool) -> bool:
-    return last or (every > 0 and (step + 1) % every == 0)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -99,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = _restore(Path(d), model, optimizer, loader, rank)
+            state = load_training_checkpoint(Path(d), model, optimizer, loader, rank)
     trained = ray.train.torch.prepare_model(model) if world > 1 else model
     if cfg.train.compile:
         trained = torch.compile(trained)
@@ -157,14 +115,14 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(hellaswag_metrics())
         if logger:
             logger.log_metrics(metrics, step)
-            if _due(step, cfg.eval.sample_every, last):
+            if is_due(step, cfg.eval.sample_every, last):
                 logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
         state["step"] = step + 1
-        if _due(step, cfg.checkpoint.every, last):
+        if is_due(step, cfg.checkpoint.every, last):
             if logger:
                 run.push(*RUN_STATE, "samples")
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = _save_checkpoint(model, optimizer, loader, rank, dict(state), Path(tmp))
+                ckpt = save_training_checkpoint(model, optimizer, loader, rank, dict(state), Path(tmp))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)))
         else:
             ray.train.report(metrics)

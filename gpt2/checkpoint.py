@@ -9,12 +9,13 @@ Nothing here unpickles arbitrary objects: safetensors, or torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -257,33 +258,39 @@ def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:
 
 
 def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Path], None] | None = None) -> None:
-    """Write `path` atomically: into a temporary sibling, then renamed into place.
+    """Write `path` atomically (see `atomic_directory`).
 
     `extra(tmp_dir)` may add more files (trainer state, a model card) before the rename, so they land together.
-    A crash at any point leaves either the previous complete directory or the new complete one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         dtype = model.transformer.wte.weight.dtype
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
         save_file(_to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if extra is not None:
             extra(tmp)
-        _fsync_tree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, create: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill. When the block ends, its files are flushed to disk and it
+    replaces `path` in one rename; if the block raises, it is deleted and `path` is untouched. A crash at any point
+    leaves either the previous complete directory or the new complete one. With create=False the block creates the
+    folder itself (e.g. with shutil.copytree)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if create:
+        tmp.mkdir()
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def replace_directory(new: Path, target: Path) -> None:

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2.checkpoint import CheckpointError, load_directory, read_config, replace_directory
+from gpt2.checkpoint import CheckpointError, atomic_directory, load_directory, read_config
 from gpt2.config import GPTConfig
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
@@ -601,21 +600,13 @@ def save_early_exit(model: EarlyExitGPT, directory: str | os.PathLike) -> None:
         "n_layer": model.config.n_layer,
         **model.classifier.spec(),
     }
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(directory, create=False) as tmp:
         # The old pair is left out rather than linked: writing through a link would change the live files.
         old_pair = shutil.ignore_patterns(EXIT_WEIGHTS_FILE, EXIT_CONFIG_FILE)
         shutil.copytree(directory, tmp, copy_function=_link_or_copy, ignore=old_pair)
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.classifier.state_dict().items()}
         save_file(state, str(tmp / EXIT_WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / EXIT_CONFIG_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-        for name in (EXIT_WEIGHTS_FILE, EXIT_CONFIG_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_spec(path: Path) -> dict:

@@ -14,8 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2.checkpoint import CheckpointError, _fsync_tree, replace_directory
+from gpt2.checkpoint import CheckpointError, atomic_directory
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
 
@@ -207,18 +205,9 @@ def save_adapters(model: GPT, directory: str | os.PathLike, *, base_model: str |
         "base_model": base_model,
         "base_config": model.config.to_dict(),
     }
-    path = Path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync_tree(tmp)
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_config(directory: str | os.PathLike) -> AdapterInfo:

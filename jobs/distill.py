@@ -17,41 +17,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
-from cluster.config import ConfigError, load, to_dict
+from cluster.config import config_for_job, job_parser
 from cluster.distill import DistillConfig, compare_with_teacher, run_distillation, run_in_process
 from cluster.tracking import tracking_uri
 from gpt2.device import pick_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (configs/distill-*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100 distill.temperature=4")
+    p = job_parser(__doc__, "YAML run config (configs/distill-*.yaml)", "train.max_steps=100 distill.temperature=4")
     p.add_argument("--in-process", action="store_true",
                    help="run the worker loop in this process without Ray (scaling.num_workers=1)")
     p.add_argument("--device", help="--in-process training and the final comparison: cuda, mps or cpu (default: the"
                                     " best available)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
+
+
+def one_worker(cfg: DistillConfig) -> DistillConfig:
+    """--in-process: the same total batch per step, by gradient accumulation on the one worker."""
+    return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cfg = config_for_job(DistillConfig, args, prepare=one_worker if args.in_process else None)
     try:
-        cfg = load(DistillConfig, args.config, args.overrides)
-        if args.in_process:  # the same total batch per step, by gradient accumulation on the one worker
-            cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1))
-        cfg.validate()
         device = pick_device(args.device)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return 0
 
     uri = cfg.run.tracking_uri
     where = "in this process" if args.in_process else f"on {cfg.scaling.num_workers} Ray Train workers"

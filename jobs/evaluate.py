@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.evaluation import ActorPool, EvalSettings, compute_metrics
+from cluster.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
 from cluster.models import load_model
 from cluster.ray_env import init_ray
 from gpt2.data import file_sha256
@@ -214,29 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if not args.no_mlflow:
         for entry in results["models"]:
-            where = log_to_mlflow(entry, output, started_at)
+            name = f"{Path(entry['model']).name or entry['model']}-{started_at.strftime('%Y%m%d-%H%M%S')}"
+            where = log_evaluation(entry["model"], entry["metrics"], output, run_name=name,
+                                   params={"model": entry["model"], "parameters": entry["parameters"]})
             print(f"MLflow: {entry['model']} -> {where}")
     print(f"results: {output}")
     return 0
-
-
-def log_to_mlflow(entry: dict, output: Path, started_at: datetime) -> str:
-    """Log one model's metrics and the results file: into the training run whose checkpoint this is (its run
-    directory keeps the MLflow run id), else into a new run of the 'evaluate' experiment."""
-    from cluster.tracking import RunLogger
-
-    source = Path(entry["model"])
-    run_dir = next((d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
-    if run_dir is not None:
-        logger = RunLogger(run_dir, experiment="unused: the run already exists", run_name=run_dir.name)
-    else:
-        name = f"{source.name or entry['model']}-{started_at.strftime('%Y%m%d-%H%M%S')}"
-        logger = RunLogger(output.parent / "mlflow" / name, experiment="evaluate", run_name=name,
-                           params={"model": entry["model"], "parameters": entry["parameters"]})
-    logger.log_metrics({f"eval/{k}": float(v) for k, v in entry["metrics"].items()}, step=0)
-    logger.log_artifact(output, "eval")
-    logger.close()
-    return f"run {logger.run_id}" if logger.run_id else f"(server unreachable; kept in {logger.jsonl})"
 
 
 if __name__ == "__main__":

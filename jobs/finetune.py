@@ -14,33 +14,21 @@ search whose driver died resumes it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from cluster.config import ConfigError, load, to_dict
+from cluster.config import config_for_job, job_parser
 from cluster.finetune_config import FinetuneConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (configs/finetune-*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.mode=lora train.epochs=5")
+    p = job_parser(__doc__, "YAML run config (configs/finetune-*.yaml)", "train.mode=lora train.epochs=5")
     p.add_argument("--search", action="store_true", help="run the Ray Tune learning-rate search first")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        cfg = load(FinetuneConfig, args.config, args.overrides)
-        cfg.validate(search=args.search)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return
+    cfg = config_for_job(FinetuneConfig, args, validate=lambda c: c.validate(search=args.search))
 
     from cluster.finetune import run
     from cluster.ray_env import init_ray

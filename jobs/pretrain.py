@@ -10,32 +10,21 @@ On a multi-node cluster run.root and data.shards may be s3:// or gs:// URIs (or 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from cluster.config import ConfigError, load, to_dict
+from cluster.config import config_for_job, job_parser
 from cluster.pretrain_config import PretrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (configs/*.yaml); defaults are the GPT-2 124M recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100 scaling.num_workers=2")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = job_parser(__doc__, "YAML run config (configs/*.yaml); defaults are the GPT-2 124M recipe",
+                   "train.max_steps=100 scaling.num_workers=2")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        cfg = load(PretrainConfig, args.config, args.overrides)
-        cfg.validate()
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return
+    cfg = config_for_job(PretrainConfig, args)
 
     from cluster import storage
     from cluster.pretrain import run_pretraining

@@ -17,33 +17,20 @@ everything is logged to MLflow and the model is registered under run.name.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from cluster.config import ConfigError, load, to_dict
+from cluster.config import config_for_job, job_parser
 from cluster.early_exit_config import EarlyExitConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (configs/early-exit-*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.exit_layer=3 classifier.epochs=20")
-    p.add_argument("--address", default=None,
-                   help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = job_parser(__doc__, "YAML run config (configs/early-exit-*.yaml)", "model.exit_layer=3 classifier.epochs=20")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        cfg = load(EarlyExitConfig, args.config, args.overrides)
-        cfg.validate()
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return
+    cfg = config_for_job(EarlyExitConfig, args)
 
     from cluster.early_exit import run
     from cluster.ray_env import init_ray

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, preset
+from serve.deploy import deploy
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -33,14 +34,6 @@ def _early_exit_copy(checkpoint: str, directory) -> str:
     return str(directory)
 
 
-def deploy(settings: dict, name: str, route_prefix: str) -> None:
-    from ray import serve as ray_serve
-
-    from serve.app import build_app
-
-    ray_serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from ray import serve as ray_serve
@@ -57,22 +50,10 @@ def server(tmp_path_factory):
     }
     variants["int8"] = {"source": variants["pretrained"], "quantize": "int8"}
     variants["early-exit"] = _early_exit_copy(variants["pretrained"], root / "early-exit")
-    port = free_port()
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = {"variants": variants, "max_batch": 4, "max_pending": 32, "torch_threads": 1,
                 "model_replica_cpus": 0.5, "limits": {"max_n": 4, "max_body_bytes": 20_000}}
-    deploy(settings, "gpt2-test", "/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the Serve application did not come up"
-        time.sleep(0.5)
-    yield {"base": base, "variants": variants, "root": root}
+    base = deploy(settings, port=free_port(), name="gpt2-test", timeout=120)
+    yield {"base": base, "variants": variants, "root": root, "port": int(base.rsplit(":", 1)[1])}
     ray_serve.shutdown()
 
 
@@ -245,12 +226,7 @@ def test_overload_answers_503(server):
     """A deliberately tight application: one decoding row, no waiting room, one queued request per caller."""
     tight = {"variants": {"pretrained": server["variants"]["long"]}, "max_batch": 1, "max_pending": 0,
              "max_queued_requests": 1, "torch_threads": 1, "model_replica_cpus": 0.5}
-    deploy(tight, "gpt2-tight", "/tight")
-    url = f"{server['base']}/tight/v1/completions"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{server['base']}/tight/healthz").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    url = deploy(tight, port=server["port"], name="gpt2-tight", route_prefix="/tight", timeout=120) + "/v1/completions"
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:
