@@ -81,7 +81,11 @@ class Distiller(nn.Module):
         self.teacher.eval()  # teacher dropout would only add noise to the targets
         return self
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor, return_logits: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student logits, distillation loss). `return_logits` is accepted as GPT.forward's is (gpt2.train passes
+        it); the student's logits are always computed, since the KL term needs all of them."""
         with torch.no_grad():
             teacher_logits, _ = self.teacher(idx)  # (B, T, V)
         student_logits, _ = self.student(idx)  # (B, T, V)

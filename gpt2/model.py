@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from gpt2.config import GPTConfig
 from gpt2.kv_cache import KVCache
+from gpt2.lm_head_loss import lm_head_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -116,6 +117,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         last_only: bool = False,
         output_hidden_states: bool = False,
+        return_logits: bool = True,
     ):
         """Logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets).
 
@@ -124,6 +126,8 @@ class GPT(nn.Module):
         output_hidden_states: also return the residual stream after the embeddings and after every block,
         a list of n_layer + 1 tensors (B, T, C), as Hugging Face does.
         Targets equal to -100 are ignored by the loss.
+        return_logits=False (with targets): logits may be returned as None, the loss then computed chunk by chunk
+        without ever holding every position's logits (gpt2.lm_head_loss): what training and validation loss use.
         """
         B, T = idx.shape
         if kv_cache is None:
@@ -143,6 +147,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.end(T)
         x = self.transformer.ln_f(x)
+        # A plain head only: a quantized or adapted one (gpt2.quantize, gpt2.lora) goes through its own module.
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            loss = lm_head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size)
+            return (None, loss, hidden) if output_hidden_states else (None, loss)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         # Padded vocabulary rows are cut off here, so they are never sampled and never enter the softmax.

@@ -133,6 +133,7 @@ def test_distillation_moves_the_student_toward_the_teacher():
 
 def test_distiller_trains_only_the_student_and_alpha_zero_is_plain_training():
     teacher = _teacher()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     torch.manual_seed(3)
     student = GPT(preset("tiny"))
     reference = GPT(preset("tiny"))
@@ -143,10 +144,14 @@ def test_distiller_trains_only_the_student_and_alpha_zero_is_plain_training():
     cfg = TrainConfig(max_lr=1e-3, warmup_steps=1, max_steps=10)
     optimizer = make_optimizer(distiller, cfg, "cpu")
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in student.parameters()}
-    reference_optimizer = make_optimizer(reference, cfg, "cpu")
-    batches = _batches(2, 4)
-    for step in range(2):  # two steps of two accumulated micro-batches each
-        train_step(distiller, optimizer, iter(batches[2 * step :]), step, cfg, 2, device=CPU)
-        train_step(reference, reference_optimizer, iter(batches[2 * step :]), step, cfg, 2, device=CPU)
+    # alpha=0 is the plain loss: the same loss and gradients as training the student alone (which computes its
+    # loss chunk by chunk, so equal up to float rounding; comparing gradients rather than weights after AdamW,
+    # which turns rounding noise in the keys' bias gradients, zero in exact arithmetic, into full-size steps).
+    x, y = _batches(2, 1)[0]
+    distiller(x, y)[1].backward()
+    reference(x, y, return_logits=False)[1].backward()
     for (name, p), q in zip(student.named_parameters(), reference.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    assert all(p.grad is None for p in teacher.parameters())
+    train_step(distiller, optimizer, iter(_batches(2, 2)), 0, cfg, 2, device=CPU)
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())

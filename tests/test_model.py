@@ -73,3 +73,32 @@ def test_config_from_dict_rejects_unknown_keys():
 def test_sequence_longer_than_context_is_refused(tiny_model):
     with pytest.raises(ValueError, match="longer than the context"):
         tiny_model(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_loss_equals_the_full_logits_loss_and_gradients(autocast, monkeypatch):
+    import gpt2.lm_head_loss
+
+    monkeypatch.setattr(gpt2.lm_head_loss, "chunk_tokens", lambda device, n_vocab: 5)  # several uneven chunks
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_pad_multiple=64))  # 50304 rows, 50257 in the softmax
+    idx, targets = torch.randint(0, 50257, (2, 11)), torch.randint(0, 50257, (2, 11))
+    targets[0, :3] = -100  # ignored positions
+
+    def loss_and_grads(return_logits: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets, return_logits=return_logits)
+        loss.backward()
+        return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full_logits, full, full_grads = loss_and_grads(True)
+    chunked_logits, chunked, chunked_grads = loss_and_grads(False)
+    assert full_logits is not None and chunked_logits is None
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-4, atol=1e-6)  # bf16 rounds matmuls differently
+    assert torch.allclose(chunked, full, **tol)
+    for name, grad in full_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, **tol), name
+    assert not chunked_grads["transformer.wte.weight"][50257:].any()  # padded rows get no gradient
+    with torch.no_grad():
+        assert torch.allclose(model(idx, targets, return_logits=False)[1], model(idx, targets)[1], rtol=1e-5)
