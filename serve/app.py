@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from serve.completions import collect_response, run_completion, sse_stream
+from serve.completions import collect_response, held_until_finish, run_completion, sse_stream
 from serve.protocol import APIError, CompletionRequest, Limits, check_request, completion_id, validation_message
 from serve.variants import parse_variants
 
@@ -92,7 +92,9 @@ class ModelServer:
             log.exception("loading variant %s failed", name)
             yield {"event": "error", "status": 500, "message": f"model {name!r} could not be loaded: {e}"}
             return
-        async for event in run_completion(loaded.engine, CompletionRequest(**body)):
+        req = CompletionRequest(**body)
+        events = run_completion(loaded.engine, req)
+        async for event in (events if req.stream else held_until_finish(events)):
             yield event
 
     async def stats(self) -> dict:

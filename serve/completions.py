@@ -109,6 +109,20 @@ async def run_completion(engine, req: CompletionRequest):
     yield end
 
 
+async def held_until_finish(events):
+    """The events of a request that is not streamed, with each choice's text held on the model replica and sent in
+    one piece just before its 'finish': the completion then crosses to the gateway in a handful of messages instead
+    of one per token, which on a small machine leaves those cycles to decoding."""
+    held: dict[int, list[str]] = {}
+    async for event in events:
+        if event["event"] == "text":
+            held.setdefault(event["index"], []).append(event["text"])
+            continue
+        if event["event"] == "finish" and event["index"] in held:
+            yield {"event": "text", "index": event["index"], "text": "".join(held.pop(event["index"]))}
+        yield event
+
+
 async def collect_response(events, cid: str, model: str, n_choices: int) -> JSONResponse:
     """A whole (non-streamed) OpenAI completion response from the model events."""
     texts, reasons = [""] * n_choices, ["length"] * n_choices

@@ -160,3 +160,26 @@ def test_request_schema_and_limits():
         with pytest.raises(APIError) as e:
             check_request(CompletionRequest(model="m", **bad), limits)
         assert e.value.status == 400 and e.value.param == param
+
+
+def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
+    import asyncio
+
+    from serve.completions import held_until_finish
+
+    async def events():
+        for e in ({"event": "start", "choices": 2}, {"event": "text", "index": 0, "text": "He"},
+                  {"event": "text", "index": 1, "text": "A"}, {"event": "text", "index": 0, "text": "llo"},
+                  {"event": "finish", "index": 0, "reason": "length"}, {"event": "finish", "index": 1, "reason": "stop"},
+                  {"event": "end", "usage": {}}):
+            yield e
+
+    async def collect():
+        return [e async for e in held_until_finish(events())]
+
+    assert asyncio.run(collect()) == [
+        {"event": "start", "choices": 2},
+        {"event": "text", "index": 0, "text": "Hello"}, {"event": "finish", "index": 0, "reason": "length"},
+        {"event": "text", "index": 1, "text": "A"}, {"event": "finish", "index": 1, "reason": "stop"},
+        {"event": "end", "usage": {}},
+    ]
