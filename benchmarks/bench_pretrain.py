@@ -34,10 +34,10 @@ DATA = PROJECT_ROOT / "data" / "pydocs"
 def ensure_data() -> None:
     if (DATA / "manifest.json").exists():
         return
-    from cluster.data_pipeline import PrepareConfig, prepare_data
+    from cluster.data_pipeline import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, prepare_data
     from cluster.sources import SourceSpec
 
-    prepare_data(PrepareConfig(SourceSpec(), str(DATA), "pydocs", val_tokens=20_000))
+    prepare_data(PrepareConfig(SourceSpec(), str(DATA), "pydocs", val_tokens=PYTHON_DOCS_VAL_TOKENS))
 
 
 def config(root: Path, name: str, steps: int, workers: int, threads: int) -> PretrainConfig:

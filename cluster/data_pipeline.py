@@ -55,6 +55,9 @@ PIPELINE_VERSION = 1  # part of the fingerprint: bump when the same input would 
 MARKER_NAME = ".prepare_data.in-progress.json"  # present while a run writes; names the fingerprint it works for
 SHARD_FILE = re.compile(r"^.+_(val|train)_\d{6}\.bin$")  # any dataset name, as llm.c names shards
 EXAMPLES_PER_PROBLEM = 5
+# The python-docs corpus is small: its validation shard is 32,768 tokens. Every job that prepares it into data/pydocs
+# (prepare_data.py, the pipeline, the benchmarks) uses this, so they find each other's shards reusable.
+PYTHON_DOCS_VAL_TOKENS = 32_768
 # A tokenizer keeps one core busy but reserves only three quarters of a CPU: an actor pool that reserved every CPU
 # would leave none for the read tasks (READ_TASK_CPUS each) and the pipeline would stall.
 TOKENIZER_CPUS = 0.75

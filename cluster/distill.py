@@ -36,6 +36,7 @@ from cluster.compression import (
 from cluster.config import build, flatten, to_dict
 from cluster.models import is_mlflow_uri, load_model
 from cluster.pretrain_config import CheckpointSection, DataSection, ModelSection, RunSection, ScalingSection
+from cluster.ray_env import quiet_train_reports
 from cluster.storage import local_run_root
 from cluster.tracking import RunLogger, run_tags
 from gpt2 import GPT
@@ -143,6 +144,7 @@ class _RayWorker:
     keeps_checkpoints = True
 
     def __init__(self) -> None:
+        quiet_train_reports()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()

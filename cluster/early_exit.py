@@ -43,6 +43,7 @@ import torch.nn as nn
 from cluster.config import build, flatten, to_dict
 from cluster.early_exit_config import EarlyExitConfig
 from cluster.models import is_mlflow_uri, local_model_dir
+from cluster.ray_env import quiet_train_reports
 from cluster.tracking import RunLogger
 from gpt2 import GPT
 from gpt2.checkpoint import atomic_directory, resolve_hub_name
@@ -267,6 +268,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train.torch
 
     cfg = build(EarlyExitConfig, config["early_exit"])
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP_NUM_THREADS from the worker's CPUs (1 when fractional); torch needs its own setting.

@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from cluster.config import build, flatten, to_dict
 from cluster.finetune_config import FinetuneConfig
 from cluster.models import load_model
+from cluster.ray_env import quiet_train_reports
 from cluster.tracking import RunLogger, run_tags
 from gpt2.device import cpu_has_fast_bf16
 from gpt2.finetune_data import EarlyStopping, PackedSequences, encode_documents, pack_documents, split_documents
@@ -99,6 +100,7 @@ class _Session:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         if kind == "train":
+            quiet_train_reports()
             ctx = ray.train.get_context()
             self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         else:

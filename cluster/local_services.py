@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def client_env() -> dict[str, str]:
 
 
 def ray_head_is_up() -> bool:
+    """Whether a head's dashboard answers on this machine. With token authentication on (as this project starts it)
+    an unauthenticated request is refused with 401: that is an answer too."""
     try:
         with urllib.request.urlopen(f"{DASHBOARD_URL}/api/version", timeout=2) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403)
     except OSError:
         return False
 
@@ -50,11 +55,13 @@ def start_ray_head() -> bool:
     # Jobs submitted with `-- python ...` run with the head's PATH: put this virtualenv first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    subprocess.run(
+    started = subprocess.run(
         [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          "--dashboard-port=8265", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, text=True,
+        env=env, capture_output=True, text=True,
     )
+    if started.returncode != 0:
+        raise RuntimeError(f"`ray start --head` failed:\n{(started.stdout + started.stderr).strip()[-2000:]}")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     (STATE_DIR / "ray_started").write_text("1")
     return True

@@ -102,12 +102,12 @@ class Pipeline:
     # ---- stages -----------------------------------------------------------------------------------------------
 
     def prepare(self, force: bool) -> StageResult:
-        from cluster.data_pipeline import PrepareConfig, prepare_data
+        from cluster.data_pipeline import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, prepare_data
         from cluster.sources import SourceSpec
 
         cfg = self.cfg
         data_dir, domain_dir = _abs(cfg.data_dir), _abs(cfg.domain_dir)
-        prepare_cfg = PrepareConfig(SourceSpec(), str(data_dir), "pydocs", val_tokens=32_768)
+        prepare_cfg = PrepareConfig(SourceSpec(), str(data_dir), "pydocs", val_tokens=PYTHON_DOCS_VAL_TOKENS)
 
         def run() -> dict:
             print(prepare_data(prepare_cfg).format())

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from cluster import storage
 from cluster.config import build, flatten, to_dict
 from cluster.pretrain_config import PretrainConfig
+from cluster.ray_env import quiet_train_reports
 from cluster.tracking import RunLogger, run_tags
 from gpt2 import GPT, get_tokenizer
 from gpt2.data import ShardedTokenLoader
@@ -37,6 +38,7 @@ RUN_STATE = ("metrics.jsonl", "mlflow_run_id")  # what a resumed run needs from 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = build(PretrainConfig, config["pretrain"])
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP_NUM_THREADS from the worker's CPUs (1 when fractional); torch needs its own setting.
@@ -115,6 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(hellaswag_metrics())
         if logger:
             logger.log_metrics(metrics, step)
+            print(progress_line(step, cfg.train.max_steps, metrics), flush=True)
             if is_due(step, cfg.eval.sample_every, last):
                 logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
         state["step"] = step + 1
@@ -130,6 +133,14 @@ def train_loop_per_worker(config: dict) -> None:
     if logger:
         logger.log_metrics(final, cfg.train.max_steps)
         _finish(model, cfg, logger, run, _card_fields(model, cfg, shards, cfg.train.max_steps, final, world))
+
+
+def progress_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+    """One line per step on rank 0, as nanoGPT prints it: what the run is doing without opening MLflow."""
+    line = (f"step {step + 1}/{max_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.2f}"
+            f" | {m['step_time'] * 1000:.0f} ms | {m['tokens_per_s']:,.0f} tokens/s | MFU {m['mfu']:.1%}")
+    extra = [f"{k} {m[k]:.4f}" for k in ("val_loss", "hellaswag_acc_norm") if k in m]
+    return " | ".join([line, *extra])
 
 
 def _hellaswag_examples(cfg: PretrainConfig) -> list[HellaSwagExample] | None:

@@ -39,3 +39,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, log_to_driver=True)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
     return "local"
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs every `ray.train.report` call of every rank at INFO, with the whole metrics dict: two long
+    lines per step on two workers. The worker loops print their own one-line progress instead, so that logger is
+    raised to WARNING in the calling worker (nothing happens if Ray moves it)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from cluster.config import ConfigError, load
-from cluster.pipeline import STAGES, PipelineConfig
+# Running a file in jobs/ puts jobs/ first on sys.path, where jobs/serve.py would stand in for the `serve` package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from cluster.config import ConfigError, load  # noqa: E402 (after the path fix)
+from cluster.pipeline import STAGES, PipelineConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.data_pipeline import PrepareConfig, existing_output, prepare_data
+from cluster.data_pipeline import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, existing_output, prepare_data
 from cluster.ray_env import init_ray
 from cluster.sources import SOURCE_KINDS, SourceSpec
 
 DEFAULT_NAMES = {"python-docs": "pydocs", "fineweb-edu": "fineweb-edu", "files": "corpus"}
 # The python-docs corpus has ~0.5M tokens, so its val shard is small; elsewhere llm.c's 1e8-token val shard.
-DEFAULT_VAL_TOKENS = {"python-docs": 32_768}
+DEFAULT_VAL_TOKENS = {"python-docs": PYTHON_DOCS_VAL_TOKENS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from cluster.ray_env import PROJECT_ROOT, init_ray
+# Running a file in jobs/ puts jobs/ first on sys.path, where jobs/serve.py would stand in for the `serve` package.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from cluster.ray_env import PROJECT_ROOT, init_ray  # noqa: E402 (after the path fix)
 
 
 def load_serve_config(path: Path) -> tuple[dict, dict]:

@@ -290,22 +290,28 @@ def test_web_page_compares_two_variants(server):
             browser.close()
 
 
-def test_serve_job_deploys_variants_relative_to_a_root(server, tmp_path, capsys):
-    """jobs/serve.py onto the running instance: relative sources resolve against --root, then it returns."""
+def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_path):
+    """`python jobs/serve.py` (a process of its own, as a user runs it) onto the running instance: relative sources
+    resolve against --root, the application stays up after the command returns."""
+    import subprocess
+    import sys
+
     import yaml
 
     from ray import serve as ray_serve
-    from tests.job_loader import load_job
 
-    port = int(server["base"].rsplit(":", 1)[1])
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
         "name": "gpt2-job", "route_prefix": "/job", "import_path": "serve.app:build_app",
         "args": {"variants": {"mine": "pretrained"}, "torch_threads": 1, "model_replica_cpus": 0.5}}]}))
-    job = load_job("serve")
     try:
-        job.main(["--config", str(config), "--root", str(server["root"]), "--port", str(port)])
-        assert "web page:" in capsys.readouterr().out
+        done = subprocess.run(
+            [sys.executable, "jobs/serve.py", "--config", str(config), "--root", str(server["root"]),
+             "--port", str(server["port"]), "--address", ray_session.get_runtime_context().gcs_address],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "web page:" in done.stdout
         r = post({"base": server["base"] + "/job"}, {"model": "mine", "prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200, r.text
     finally:
