@@ -116,3 +116,57 @@ def test_wikitext2_is_domain_data_one_article_per_document(domain, tmp_path):
     assert len(docs) == 2
     assert docs[0].startswith("= Alpha =") and "= = History = =" in docs[0] and "It began early" in docs[0]
     assert docs[1].startswith("= Beta =") and "Beta comes second" in docs[1]
+
+
+def test_a_search_whose_driver_was_killed_resumes_without_rerunning_finished_trials(
+    ray_session, mlflow_server, domain, tmp_path, capsys
+):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray.util.state import list_actors
+
+    from cluster.finetune import run
+
+    overrides = ["search.lrs=[3e-3, 1e-3, 2e-3]", "search.epochs=2", "search.grace_period=2", "search.max_concurrent=1",
+                 "run.name=resumed-search", f"run.tracking_uri={mlflow_server}"]
+    cfg = config(domain, tmp_path, *overrides)
+    command = [sys.executable, "jobs/finetune.py", "--search", "--address", ray_session.get_runtime_context().gcs_address,
+               f"model.source={domain / 'base'}", f"data.inputs=[{domain / 'domain.txt'}]",
+               "data.txt_delimiter=<LOC>...</LOC>", "data.seq_len=32", "data.val_fraction=0.2", "train.epochs=2",
+               "train.micro_batch=4", "train.autocast=fp32", "samples.prompts=[alpha]", "samples.max_tokens=8",
+               f"run.root={tmp_path}", *overrides]
+    tune_dir = Path(cfg.run_dir()) / "search" / "tune"
+
+    def finished_trials() -> list[Path]:
+        return [p.parent for p in tune_dir.glob("*/result.json") if len(p.read_text().splitlines()) >= 2]
+
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not finished_trials():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = finished_trials()
+    assert len(done_before) < 3, "the search finished before its driver was killed"
+    lines_before = {p.name: (p / "result.json").read_text() for p in done_before}
+    gcs = ray_session.get_runtime_context().gcs_address
+    while list_actors(address=gcs, filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")]):
+        time.sleep(0.5)  # the dead driver's trial actors go with it
+
+    summary = run(cfg, search=True, tracking_uri=mlflow_server)
+    assert "resuming the learning-rate search" in capsys.readouterr().out
+    rows = summary["search"].rows
+    assert sorted(r["lr"] for r in rows) == [1e-3, 2e-3, 3e-3] and all(r["status"] == "completed" for r in rows), rows
+    for name, text in lines_before.items():  # a trial finished before the kill is not run again
+        assert (tune_dir / name / "result.json").read_text() == text
+        assert [json.loads(line)["epoch"] for line in text.splitlines()] == [1, 2]
