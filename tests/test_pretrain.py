@@ -229,6 +229,39 @@ def test_unreachable_mlflow_keeps_metrics_locally(ray_session, shards, tmp_path)
     assert (Path(cfg.run_dir()) / "final" / "model.safetensors").exists()
 
 
+def test_mlflow_stopped_during_training_loses_nothing(ray_session, shards, tmp_path):
+    """A tracking server of its own, stopped after the run has logged to it: training completes, every step stays
+    in metrics.jsonl, and what reached the server before it went away is there."""
+    from cluster.tracking import start_local_server, stop_server
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    server = start_local_server(tmp_path / "mlflow", uri)
+    threading.Thread(target=server.wait, daemon=True).start()
+    cfg = tiny_config(shards, tmp_path, "outage", "eval.val_every=0", "checkpoint.every=0", "train.max_steps=12")
+    outcome = {}
+    fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
+    fit.start()
+    deadline = time.monotonic() + 300
+    while len(losses(cfg)) < 2:
+        assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 2"
+        time.sleep(0.05)
+    stop_server(server.pid)
+    stopped_after = len(losses(cfg))
+    fit.join(timeout=600)
+    assert outcome["result"].error is None
+    assert stopped_after < 12, "training finished before the server was stopped"
+    assert [r["step"] for r in read_metrics(cfg.run_dir()) if "loss" in r] == list(range(12))
+    assert (Path(cfg.run_dir()) / "final" / "model.safetensors").exists()
+    run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
+    server = start_local_server(tmp_path / "mlflow", uri)  # back up, to read what it holds
+    try:
+        logged = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
+        assert logged == list(range(len(logged))) and len(logged) >= 1
+    finally:
+        threading.Thread(target=server.wait, daemon=True).start()
+        stop_server(server.pid)
+
+
 def test_bad_config_fails_before_any_worker_starts(tmp_path):
     job = [sys.executable, "jobs/pretrain.py"]
     out = subprocess.run(job + [f"data.shards={tmp_path}"], capture_output=True, text=True)
