@@ -35,6 +35,7 @@ from cluster.sources import (
     resolve_filesystem,
     resolve_source,
 )
+from cluster.storage import download_file
 from gpt2.config import EOT_TOKEN
 from gpt2.data import (
     MANIFEST_NAME,
@@ -430,11 +431,7 @@ def copy_shards_to_local(uri: str, local_dir: str | os.PathLike, *, verify: bool
         target = local / entry.base_name
         if target.exists() and target.stat().st_size == entry.size and entry.base_name != MANIFEST_NAME:
             continue
-        partial = target.with_name(f"{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-        with filesystem.open_input_stream(entry.path) as src, open(partial, "wb") as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-        os.replace(partial, target)
+        download_file(filesystem, entry.path, target)
     if verify and (local / MANIFEST_NAME).exists():
         damaged = find_damaged_shards(local, read_manifest(local / MANIFEST_NAME)["shards"])
         if damaged:

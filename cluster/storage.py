@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from gpt2.data import PARTIAL_SUFFIX
+
 CACHE_ENV = "GPT2_RAY_CACHE"  # where node-local mirrors and shard copies live; default ~/.cache/gpt2-ray
 
 
@@ -95,11 +97,11 @@ class RunDir:
         for name in names:
             info = fs.get_file_info(f"{root}/{name}")
             if info.type == pafs.FileType.File:
-                _download_file(fs, info.path, self.local / name)
+                download_file(fs, info.path, self.local / name)
             elif info.type == pafs.FileType.Directory:
                 for entry in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
                     if entry.type == pafs.FileType.File:
-                        _download_file(fs, entry.path, self.local / name / entry.path[len(info.path) + 1:])
+                        download_file(fs, entry.path, self.local / name / entry.path[len(info.path) + 1:])
 
 
 def _upload_file(source: Path, fs: pafs.FileSystem, path: str) -> None:
@@ -109,9 +111,11 @@ def _upload_file(source: Path, fs: pafs.FileSystem, path: str) -> None:
             dst.write(chunk)
 
 
-def _download_file(fs: pafs.FileSystem, path: str, target: Path) -> None:
+def download_file(fs: pafs.FileSystem, path: str, target: Path) -> None:
+    """Copy one file to `target` under a temporary name, renamed when complete: processes on one node may copy the
+    same file at once, and a reader never sees half of it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     with fs.open_input_stream(path) as src, open(partial, "wb") as dst:
         while chunk := src.read(8 << 20):
             dst.write(chunk)

@@ -132,7 +132,7 @@ class RunLogger:
         After a failure the next attempt waits RETRY_SECONDS unless `force`d."""
         if self.run_id is not None:
             return True
-        if time.monotonic() < self._next_try and not force:
+        if self._backing_off(force):
             return False
         try:
             if self._id_file().exists():
@@ -182,8 +182,8 @@ class RunLogger:
         self.flush()
 
     def _backing_off(self, force: bool) -> bool:
-        """True while the server failed less than RETRY_SECONDS ago: a server that went away mid-run (after the run
-        was created) costs one failed request per RETRY_SECONDS, not one per step."""
+        """True while the server failed less than RETRY_SECONDS ago, whether it was never reached or went away after
+        the run was created: an outage costs one failed request per RETRY_SECONDS, not one per step."""
         return not force and time.monotonic() < self._next_try
 
     def flush(self, force: bool = False) -> None:

@@ -122,15 +122,13 @@ def test_a_search_whose_driver_was_killed_resumes_without_rerunning_finished_tri
     ray_session, mlflow_server, domain, tmp_path, capsys
 ):
     import json
-    import os
-    import signal
-    import subprocess
     import sys
     import time
 
     from ray.util.state import list_actors
 
     from cluster.finetune import run
+    from tests.drivers import kill_driver_when
 
     overrides = ["search.lrs=[3e-3, 1e-3, 2e-3]", "search.epochs=2", "search.grace_period=2", "search.max_concurrent=1",
                  "run.name=resumed-search", f"run.tracking_uri={mlflow_server}"]
@@ -145,17 +143,7 @@ def test_a_search_whose_driver_was_killed_resumes_without_rerunning_finished_tri
     def finished_trials() -> list[Path]:
         return [p.parent for p in tune_dir.glob("*/result.json") if len(p.read_text().splitlines()) >= 2]
 
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not finished_trials():
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.1)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    kill_driver_when(command, tmp_path / "driver.log", lambda: bool(finished_trials()), "the end of a trial")
     done_before = finished_trials()
     assert len(done_before) < 3, "the search finished before its driver was killed"
     lines_before = {p.name: (p / "result.json").read_text() for p in done_before}

@@ -21,6 +21,7 @@ from cluster.pretrain import run_pretraining
 from cluster.pretrain_config import PretrainConfig
 from cluster.tracking import free_port, read_metrics
 from gpt2 import GPT
+from tests.drivers import kill_driver_when
 from tests.pretrain_fixtures import write_python_docs_shards
 
 
@@ -181,22 +182,10 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
     overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", f"run.tracking_uri={mlflow_server}")
     cfg = load(PretrainConfig, None, overrides)
     gcs = ray_session.get_runtime_context().gcs_address
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(
-            [sys.executable, "jobs/pretrain.py", "--address", gcs, *overrides],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        # A checkpoint counts once Ray Train's controller has registered it in the run's snapshot; one still only on
-        # disk when the driver dies is ignored on resume, like a half-written one.
-        while not registered_checkpoints(cfg):
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was registered"
-            time.sleep(0.05)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    # A checkpoint counts once Ray Train's controller has registered it in the run's snapshot; one still only on
+    # disk when the driver dies is ignored on resume, like a half-written one.
+    kill_driver_when([sys.executable, "jobs/pretrain.py", "--address", gcs, *overrides], tmp_path / "driver.log",
+                     lambda: bool(registered_checkpoints(cfg)), "the registration of a checkpoint")
     killed_at = time.monotonic()
     assert len(losses(cfg)) < 6, "the run finished before the driver was killed"
     first_run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
