@@ -1,4 +1,5 @@
-"""Tokenizing a corpus into shards: the Ray Data job vs a single-process loop vs a multiprocessing.Pool, side by side.
+"""Tokenizing a corpus into shards: the Ray Data job vs a single-process loop vs a multiprocessing.Pool, side by side,
+and the machine's limit.
 
 The corpus is the python-docs text repeated into .jsonl files, at two sizes. All three methods read those files,
 tokenize with the same GPT-2 encoding and write shards through the same ShardWriter; the benchmark checks that every
@@ -10,6 +11,11 @@ highest memory:
   processes — tokenizer actors, read tasks and idle workers — but not Ray's own daemons);
 - "CPU s" is the CPU time of the measured work in this process and every process under it (for Ray, its daemons
   too): on a busy machine the wall-clock figures swing with the other work, tokens per CPU-second much less.
+  Below each table the CPU time is split by process: the writer, the Pool's workers, Ray's tokenizer actors, its
+  read tasks, Ray Data's helper actors and agents, and Ray's daemons (raylet, GCS, dashboard);
+- "tokenize only" is the machine's limit for any method: N processes that only tokenize documents already in
+  memory, reading and writing nothing. Against it the goal (0.8 × cores × single) can be judged: no method that
+  also reads, writes and orders the stream can pass it.
 Peak memory should not grow with the corpus. Every time is the whole job, start to last shard; for Ray that includes
 starting its worker processes and actors, shown separately as "first tokens after" (the other methods start in
 about a second), which is why Ray needs a large corpus to pay off; "once running" is Ray's rate from its first to its
@@ -83,7 +89,7 @@ def write_batches(writer, encoded: Iterator[np.ndarray]) -> None:
 
 
 def run_single(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
-    from gpt2.data import ShardWriter
+    from gpt2.shards import ShardWriter
 
     started = start_clock()
     with ShardWriter(out, "bench", shard_tokens=SHARD_TOKENS, val_tokens=VAL_TOKENS) as writer:
@@ -93,7 +99,7 @@ def run_single(corpus: Path, out: Path, workers: int, start_clock: Callable[[], 
 
 
 def run_pool(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
-    from gpt2.data import ShardWriter
+    from gpt2.shards import ShardWriter
 
     started = start_clock()
     with (
@@ -103,6 +109,24 @@ def run_pool(corpus: Path, out: Path, workers: int, start_clock: Callable[[], fl
         write_batches(writer, pool.imap(encode, iter_texts(corpus), chunksize=16))  # imap keeps the order
         writer.close()
     return {"seconds": time.perf_counter() - started, "tokens": writer.tokens}
+
+
+_CEILING_TEXTS: list[str] = []  # filled before forking, so the children share it without copying
+
+
+def _count_tokens(part: tuple[int, int]) -> int:
+    index, parts = part
+    return sum(len(encode(text)) for text in _CEILING_TEXTS[index::parts])
+
+
+def run_ceiling(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
+    """The machine's limit for any method: `workers` processes that only tokenize, each its share of documents
+    already in memory, with no reading, no writing and nothing sent between processes but a count."""
+    _CEILING_TEXTS[:] = iter_texts(corpus)
+    started = start_clock()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        tokens = sum(pool.map(_count_tokens, [(i, workers) for i in range(workers)]))
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
 def run_ray(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
@@ -132,31 +156,58 @@ def run_ray(corpus: Path, out: Path, workers: int, start_clock: Callable[[], flo
     return result
 
 
-METHODS = {"single": run_single, "pool": run_pool, "ray": run_ray}
+METHODS = {"single": run_single, "pool": run_pool, "ray": run_ray, "ceiling": run_ceiling}
+WRITES_NOTHING = {"ceiling"}
+
+
+ROLES = ("this process", "Pool workers", "tokenizer actors", "read tasks", "Ray Data helpers", "Ray daemons")
+
+
+def process_role(cmdline: list[str], my_cmdline: list[str]) -> str:
+    """Which part of a method a process is, from its command line (Ray titles its workers `ray::<what runs>`)."""
+    if cmdline == my_cmdline:
+        return "Pool workers"  # forks carry the parent's command line
+    title = cmdline[0] if cmdline else ""
+    if "MapWorker" in title:
+        return "tokenizer actors"
+    if title.startswith(("ray::IDLE", "ray::Read")):
+        return "read tasks"  # Ray Data's read tasks run in pooled workers, `ray::IDLE` between tasks
+    if title.startswith("ray::"):
+        return "Ray Data helpers"  # the stats, autoscaling and location-tracking actors, Ray's agents
+    return "Ray daemons"  # raylet, GCS, dashboard
 
 
 class ProcessSampler:
     """Every 50 ms: the summed RSS of the helper processes (peak kept) and the CPU time of every process started
-    under this one (helpers, and for Ray also its daemons: they are part of the cost of the method)."""
+    under this one (helpers, and for Ray also its daemons: they are part of the cost of the method), by role."""
 
     def __init__(self) -> None:
         self.helpers_peak_rss = 0
         self._me = psutil.Process()
+        self._my_cmdline = self._me.cmdline()
         self._cpu_by_pid: dict[int, float] = {}
-        self._cpu_at_start: tuple[float, dict[int, float]] = (0.0, {})
+        # A Ray worker process changes jobs (idle, a read task, an actor), so each sample's CPU time goes to the role
+        # the process had at that sample.
+        self._cpu_by_role: dict[str, float] = {}
+        self._own_cpu_at_start = 0.0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start_clock(self) -> float:
         """Mark the start of the measured work (after imports and Ray's start-up); returns perf_counter()."""
-        self._sample()
-        self._cpu_at_start = (self._own_cpu(), dict(self._cpu_by_pid))
+        with self._lock:
+            self._sample()
+            self._cpu_by_role = {}
+            self._own_cpu_at_start = self._own_cpu()
         return time.perf_counter()
 
-    def cpu_since_start(self) -> float:
-        own_start, children_start = self._cpu_at_start
-        children = sum(cpu - children_start.get(pid, 0.0) for pid, cpu in self._cpu_by_pid.items())
-        return self._own_cpu() - own_start + children
+    def cpu_since_start(self) -> dict[str, float]:
+        """CPU seconds since start_clock, by role (ROLES); roles that used none are left out."""
+        with self._lock:
+            self._sample()
+            by_role = {**self._cpu_by_role, "this process": self._own_cpu() - self._own_cpu_at_start}
+        return {role: by_role[role] for role in ROLES if by_role.get(role, 0.0) > 0.05}
 
     def __enter__(self) -> ProcessSampler:
         self._thread.start()
@@ -172,21 +223,22 @@ class ProcessSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self._sample()
+            with self._lock:
+                self._sample()
 
     def _sample(self) -> None:
-        my_cmdline = self._me.cmdline()
         rss = 0
         for child in self._me.children(recursive=True):
             try:
-                cpu = child.cpu_times()
-                self._cpu_by_pid[child.pid] = cpu.user + cpu.system
-                cmdline = child.cmdline()
-                # Ray titles its worker processes `ray::...`; Pool children are forks with our command line.
-                if cmdline and (cmdline[0].startswith("ray::") or cmdline == my_cmdline):
+                times = child.cpu_times()
+                role = process_role(child.cmdline(), self._my_cmdline)
+                if role != "Ray daemons":
                     rss += child.memory_info().rss
             except psutil.Error:
                 continue
+            cpu = times.user + times.system
+            self._cpu_by_role[role] = self._cpu_by_role.get(role, 0.0) + cpu - self._cpu_by_pid.get(child.pid, 0.0)
+            self._cpu_by_pid[child.pid] = cpu
         self.helpers_peak_rss = max(self.helpers_peak_rss, rss)
 
 
@@ -196,10 +248,12 @@ def measure(method: str, corpus: Path, out: Path, workers: int) -> dict:
 
     with ProcessSampler() as sampler:
         result = METHODS[method](corpus, out, workers, sampler.start_clock)
-        result["cpu_s"] = sampler.cpu_since_start()
+        result["cpu_by_role"] = sampler.cpu_since_start()
+        result["cpu_s"] = sum(result["cpu_by_role"].values())
     result["writer_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["workers_peak_mb"] = sampler.helpers_peak_rss / 2**20
-    result["sha256"] = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("*.bin")))).hexdigest()
+    if method not in WRITES_NOTHING:
+        result["sha256"] = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("*.bin")))).hexdigest()
     return result
 
 
@@ -234,7 +288,7 @@ def main() -> None:
                     out = Path(tmp) / f"out_{copies}_{method}_{repeat}"
                     out.mkdir()
                     runs[method].append(run_method(method, corpus, out, args.workers))
-            if len({r["sha256"] for method_runs in runs.values() for r in method_runs}) != 1:
+            if len({r["sha256"] for method_runs in runs.values() for r in method_runs if "sha256" in r}) != 1:
                 raise SystemExit(f"the runs wrote different shards for {copies} copies: {runs}")
             results = {
                 method: {
@@ -261,9 +315,10 @@ def print_table(corpus_bytes: int, results: dict[str, dict], workers: int) -> No
         "single": "single process",
         "pool": f"multiprocessing.Pool({workers})",
         "ray": f"Ray Data ({workers} actors)",
+        "ceiling": f"{workers} processes, tokenize only",
     }
     print(
-        f"\n{'corpus':>22}  {'method':<26}{'seconds':>8}{'tokens/s':>12}{'× single':>10}{'CPU s':>8}"
+        f"\n{'corpus':>22}  {'method':<30}{'seconds':>8}{'tokens/s':>12}{'× single':>10}{'CPU s':>8}"
         f"{'tok/CPU-s':>11}{'writer MB':>11}{'workers MB':>12}  first tokens after"
     )
     label = f"{results['single']['tokens'] / 1e6:.1f}M tok, {corpus_bytes / 1e6:.0f} MB"
@@ -271,14 +326,19 @@ def print_table(corpus_bytes: int, results: dict[str, dict], workers: int) -> No
     for method, r in results.items():
         rate = r["tokens"] / r["seconds"]
         first = f"{r['first_tokens_s']:.1f} s" if "first_tokens_s" in r else ""
+        memory = "" if method in WRITES_NOTHING else f"{r['writer_peak_mb']:>11.0f}{r['workers_peak_mb']:>12.0f}"
         print(
-            f"{label:>22}  {names[method]:<26}{r['seconds']:>8.1f}{rate:>12,.0f}{rate / base:>10.2f}"
-            f"{r['cpu_s']:>8.1f}{r['tokens'] / r['cpu_s']:>11,.0f}"
-            f"{r['writer_peak_mb']:>11.0f}{r['workers_peak_mb']:>12.0f}  {first}"
+            f"{label:>22}  {names[method]:<30}{r['seconds']:>8.1f}{rate:>12,.0f}{rate / base:>10.2f}"
+            f"{r['cpu_s']:>8.1f}{r['tokens'] / r['cpu_s']:>11,.0f}{memory}  {first}"
         )
         if "running" in r:
-            print(f"{'':>22}  {'  once running':<26}{'':>8}{r['running']:>12,.0f}{r['running'] / base:>10.2f}")
+            print(f"{'':>22}  {'  once running':<30}{'':>8}{r['running']:>12,.0f}{r['running'] / base:>10.2f}")
         label = ""
+    print(f"{'':>22}  goal: 0.8 × {workers} cores × single = {0.8 * workers * base:,.0f} tokens/s")
+    print(f"{'':>22}  CPU seconds by process (the ceiling's are all tokenizing):")
+    for method in ("single", "pool", "ray"):
+        parts = ", ".join(f"{role} {cpu:.1f}" for role, cpu in results[method]["cpu_by_role"].items())
+        print(f"{'':>22}    {names[method]}: {parts}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.nn as nn
 from cluster.models import local_model_dir
 from cluster.tracking import RunLogger
 from gpt2.checkpoint import resolve_hub_name
-from gpt2.data import open_shard, resolve_shard_paths
+from gpt2.shards import open_shard, resolve_shard_paths
 from gpt2.generate import stream
 from gpt2.hellaswag import HellaSwagExample, evaluate_hellaswag
 from gpt2.perplexity import evaluate_perplexity

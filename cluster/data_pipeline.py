@@ -37,7 +37,7 @@ from cluster.sources import (
 )
 from cluster.storage import download_file
 from gpt2.config import EOT_TOKEN
-from gpt2.data import (
+from gpt2.shards import (
     MANIFEST_NAME,
     MAX_TOKEN_ID,
     PARTIAL_SUFFIX,

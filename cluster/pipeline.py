@@ -142,7 +142,7 @@ class Pipeline:
     def evaluate(self, force: bool) -> StageResult:
         from cluster.evaluation import ActorPool, EvalSettings, evaluate, log_evaluation
         from cluster.models import load_model
-        from gpt2.data import split_tokens
+        from gpt2.shards import split_tokens
         from gpt2.hellaswag import load_hellaswag
 
         pre = self.results["pretrain"].outputs

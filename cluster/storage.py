@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from gpt2.data import PARTIAL_SUFFIX
+from gpt2.shards import PARTIAL_SUFFIX
 
 CACHE_ENV = "GPT2_RAY_CACHE"  # where node-local mirrors and shard copies live; default ~/.cache/gpt2-ray
 

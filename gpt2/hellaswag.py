@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 import tiktoken
 
 from gpt2.config import EOT_TOKEN
-from gpt2.data import file_sha256
+from gpt2.shards import file_sha256
 from gpt2.loglikelihood import row_logprobs
 from gpt2.model import GPT
 from gpt2.tokenizer import get_tokenizer

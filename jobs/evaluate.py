@@ -24,7 +24,6 @@ import torch
 from cluster.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
 from cluster.models import load_model
 from cluster.ray_env import init_ray
-from gpt2.data import file_sha256
 from gpt2.device import choose, describe, parse_dtype
 from gpt2.hellaswag import (
     HELLASWAG_VAL_EXAMPLES,
@@ -35,8 +34,8 @@ from gpt2.hellaswag import (
     download_hellaswag,
     load_hellaswag,
 )
-from gpt2.data import split_tokens
 from gpt2.perplexity import text_tokens
+from gpt2.shards import file_sha256, split_tokens
 from gpt2.wikitext import WikiTextError, wikitext2_text
 
 DATASETS = ("wikitext-2",)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.corpus import python_docs_documents
-from gpt2.data import ShardWriter
+from gpt2.shards import ShardWriter
 from gpt2.tokenizer import get_tokenizer
 
 

@@ -11,11 +11,10 @@ import torch
 
 from gpt2.config import EOT_TOKEN
 from gpt2.corpus import python_docs_documents, stdlib_documents
-from gpt2.data import (
+from gpt2.data import IGNORE_INDEX, ShardedTokenLoader
+from gpt2.shards import (
     HEADER_BYTES,
-    IGNORE_INDEX,
     MANIFEST_NAME,
-    ShardedTokenLoader,
     ShardFormatError,
     ShardWriter,
     find_damaged_shards,

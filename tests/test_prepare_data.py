@@ -11,6 +11,8 @@ import gzip
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +32,8 @@ from cluster.data_pipeline import (
 from cluster.sources import BadSourceError, SourceSpec, fineweb_edu_location, read_documents, resolve_source
 from gpt2.config import EOT_TOKEN
 from gpt2.corpus import python_docs_documents
-from gpt2.data import (
-    MANIFEST_NAME,
-    ShardedTokenLoader,
-    ShardWriter,
-    file_sha256,
-    open_shard,
-    read_manifest,
-    read_shard_header,
-)
+from gpt2.data import ShardedTokenLoader
+from gpt2.shards import MANIFEST_NAME, ShardWriter, file_sha256, open_shard, read_manifest, read_shard_header
 from gpt2.tokenizer import get_tokenizer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -443,3 +438,10 @@ def test_an_object_storage_output_is_refused_before_anything_runs(capsys):
     assert load_job().main(["--source", "python-docs", "--output", "s3://bucket/shards"]) == 2
     err = capsys.readouterr().err
     assert "--output s3://bucket/shards" in err and "copy them to object storage afterwards" in err
+
+
+def test_the_tokenizer_workers_code_does_not_import_torch():
+    # Every Ray Data worker of this job imports these modules; torch would cost each one about a second of CPU and
+    # 150 MB before its first document.
+    code = "import sys, cluster.data_pipeline, gpt2.tokenizer; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
