@@ -13,16 +13,16 @@ highest memory:
   too): on a busy machine the wall-clock figures swing with the other work, tokens per CPU-second much less.
   Below each table the CPU time is split by process: the writer, the Pool's workers, Ray's tokenizer actors, its
   read tasks, Ray Data's helper actors and agents, and Ray's daemons (raylet, GCS, dashboard);
-- "tokenize only" is the machine's limit for any method: N processes that only tokenize documents already in
-  memory, reading and writing nothing. Against it the goal (0.8 × cores × single) can be judged: no method that
-  also reads, writes and orders the stream can pass it.
+- "read and tokenize only" is the machine's limit for any method: N processes that each read and tokenize their
+  share of the files and keep only a count, writing nothing and sending nothing between them. Against it the goal
+  (0.8 × cores × single) can be judged: no method that also orders the stream and writes shards can pass it.
 Peak memory should not grow with the corpus. Every time is the whole job, start to last shard; for Ray that includes
 starting its worker processes and actors, shown separately as "first tokens after" (the other methods start in
 about a second), which is why Ray needs a large corpus to pay off; "once running" is Ray's rate from its first to its
 last written block. Ray starts its workers at nice 15 by default, behind every ordinary process; here they run at
 nice 0 (RAY_worker_niceness=0) so that on a machine doing other work the three methods compete on equal terms.
 
-    .venv/bin/python -m benchmarks.bench_tokenize [--copies 16 64] [--repeats 2] [--workers N]
+    .venv/bin/python -m benchmarks.bench_tokenize [--copies 64 256] [--repeats 2] [--workers N]
 """
 
 from __future__ import annotations
@@ -61,11 +61,15 @@ def write_corpus(directory: Path, copies: int) -> int:
     return len(lines.encode()) * copies
 
 
+def _texts_of(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
 def iter_texts(directory: Path) -> Iterator[str]:
     for path in sorted(directory.glob("*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)["text"]
+        yield from _texts_of(path)
 
 
 def encode(text: str) -> np.ndarray:
@@ -111,21 +115,17 @@ def run_pool(corpus: Path, out: Path, workers: int, start_clock: Callable[[], fl
     return {"seconds": time.perf_counter() - started, "tokens": writer.tokens}
 
 
-_CEILING_TEXTS: list[str] = []  # filled before forking, so the children share it without copying
-
-
-def _count_tokens(part: tuple[int, int]) -> int:
-    index, parts = part
-    return sum(len(encode(text)) for text in _CEILING_TEXTS[index::parts])
+def _count_tokens(files: list[Path]) -> int:
+    return sum(len(encode(text)) for path in files for text in _texts_of(path))
 
 
 def run_ceiling(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
-    """The machine's limit for any method: `workers` processes that only tokenize, each its share of documents
-    already in memory, with no reading, no writing and nothing sent between processes but a count."""
-    _CEILING_TEXTS[:] = iter_texts(corpus)
+    """The machine's limit for any method: `workers` processes that each read and tokenize their share of the
+    files and keep only a count, with no writing, no ordering and nothing sent between them."""
+    files = sorted(corpus.glob("*.jsonl"))
     started = start_clock()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        tokens = sum(pool.map(_count_tokens, [(i, workers) for i in range(workers)]))
+        tokens = sum(pool.map(_count_tokens, [files[i::workers] for i in range(workers)]))
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
@@ -263,7 +263,7 @@ def main() -> None:
         "--copies",
         type=int,
         nargs=2,
-        default=[16, 64],
+        default=[64, 256],
         help="two corpus sizes, in copies of the python-docs corpus (~0.52M tokens each)",
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="Pool processes and Ray tokenizers")
@@ -315,7 +315,7 @@ def print_table(corpus_bytes: int, results: dict[str, dict], workers: int) -> No
         "single": "single process",
         "pool": f"multiprocessing.Pool({workers})",
         "ray": f"Ray Data ({workers} actors)",
-        "ceiling": f"{workers} processes, tokenize only",
+        "ceiling": f"{workers} processes, read+tokenize",
     }
     print(
         f"\n{'corpus':>22}  {'method':<30}{'seconds':>8}{'tokens/s':>12}{'× single':>10}{'CPU s':>8}"
@@ -335,7 +335,7 @@ def print_table(corpus_bytes: int, results: dict[str, dict], workers: int) -> No
             print(f"{'':>22}  {'  once running':<30}{'':>8}{r['running']:>12,.0f}{r['running'] / base:>10.2f}")
         label = ""
     print(f"{'':>22}  goal: 0.8 × {workers} cores × single = {0.8 * workers * base:,.0f} tokens/s")
-    print(f"{'':>22}  CPU seconds by process (the ceiling's are all tokenizing):")
+    print(f"{'':>22}  CPU seconds by process (the limit's are all reading and tokenizing):")
     for method in ("single", "pool", "ray"):
         parts = ", ".join(f"{role} {cpu:.1f}" for role, cpu in results[method]["cpu_by_role"].items())
         print(f"{'':>22}    {names[method]}: {parts}")

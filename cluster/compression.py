@@ -22,11 +22,11 @@ import torch.nn as nn
 from cluster.models import local_model_dir
 from cluster.tracking import RunLogger
 from gpt2.checkpoint import resolve_hub_name
-from gpt2.shards import open_shard, resolve_shard_paths
 from gpt2.generate import stream
 from gpt2.hellaswag import HellaSwagExample, evaluate_hellaswag
 from gpt2.perplexity import evaluate_perplexity
 from gpt2.quantize import model_size_bytes
+from gpt2.shards import open_shard, resolve_shard_paths
 from gpt2.tokenizer import get_tokenizer
 
 DECODE_PROMPT = "The Python standard library"

@@ -142,8 +142,8 @@ class Pipeline:
     def evaluate(self, force: bool) -> StageResult:
         from cluster.evaluation import ActorPool, EvalSettings, evaluate, log_evaluation
         from cluster.models import load_model
-        from gpt2.shards import split_tokens
         from gpt2.hellaswag import load_hellaswag
+        from gpt2.shards import split_tokens
 
         pre = self.results["pretrain"].outputs
         hellaswag = self.cfg.hellaswag_path or self.results["prepare"].outputs["cloze"]

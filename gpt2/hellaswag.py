@@ -32,9 +32,9 @@ from typing import Callable, Mapping, Sequence
 import tiktoken
 
 from gpt2.config import EOT_TOKEN
-from gpt2.shards import file_sha256
 from gpt2.loglikelihood import row_logprobs
 from gpt2.model import GPT
+from gpt2.shards import file_sha256
 from gpt2.tokenizer import get_tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -19,9 +19,9 @@ from cluster.early_exit import choose_tau, train_and_calibrate
 from cluster.early_exit_config import EarlyExitConfig
 from cluster.models import load_model
 from gpt2 import GPT, GPTConfig, preset
-from gpt2.shards import write_shard
 from gpt2.early_exit import EarlyExitGPT, ExitClassifier, load_early_exit, save_early_exit
 from gpt2.generate import generate
+from gpt2.shards import write_shard
 from tests.job_loader import load_job
 from tests.pretrain_fixtures import write_python_docs_shards
 from tests.test_hellaswag import EXAMPLES, write_jsonl

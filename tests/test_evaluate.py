@@ -204,8 +204,8 @@ def test_job_scores_shards_and_logs_into_the_training_run(tiny_model, tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from cluster.tracking import RunLogger
-    from gpt2.shards import split_tokens
     from gpt2.perplexity import evaluate_perplexity
+    from gpt2.shards import split_tokens
     from tests.pretrain_fixtures import write_python_docs_shards
 
     shards = write_python_docs_shards(tmp_path / "shards")
