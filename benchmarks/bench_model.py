@@ -3,10 +3,10 @@
 1. Training step (forward + backward + AdamW) tokens/s, fp32 and under bf16 autocast, for the 124M shape at B=2,
    T=512 and for the `small` preset, each model eager and under torch.compile; achieved FLOP/s as a fraction of
    this machine's measured matmul peak.
-2. Greedy decoding, batch 1, 128 new tokens, 124M shape: this project in fp32 / bf16 / int8 vs transformers'
-   `generate` in fp32; tokens/s as a fraction of the bandwidth bound (memory bandwidth ÷ weight bytes per token),
-   and what the smaller weights change: next-token agreement and KL divergence vs fp32 on real text, plus
-   perplexity when a trained checkpoint is given (--checkpoint).
+2. Greedy decoding, batch 1, 128 new tokens, 124M shape: this project in fp32 / bf16 / int8 / NF4 (when
+   bitsandbytes is installed) vs transformers' `generate` in fp32; tokens/s as a fraction of the bandwidth bound
+   (memory bandwidth ÷ weight bytes per token), and what the smaller weights change: next-token agreement and KL
+   divergence vs fp32 on real text, plus perplexity when a trained checkpoint is given (--checkpoint).
 
   python -m benchmarks.bench_model [--threads 2] [--steps 3] [--checkpoint runs/pretrain/local/final]
 """
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.corpus import python_docs_documents
 from gpt2.device import measure_matmul_flops
-from gpt2.quantize import decode_bytes_per_token, quantize_int8, to_bf16
+from gpt2.quantize import decode_bytes_per_token, quantize_int8, quantize_nf4, to_bf16
 from gpt2.train import TrainConfig, make_optimizer
 
 
@@ -159,7 +160,10 @@ def bench_decoding(n_new: int, checkpoint: str | None) -> None:
     print(f"transformers fp32 generate: {hf_tps:.1f} tokens/s")
     print("| this project | tokens/s | vs transformers fp32 | weight bytes/token | of bandwidth bound | next-token agreement | KL vs fp32 | perplexity fp32 → this |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, variant in (("fp32", model), ("bf16 weights", to_bf16(model)), ("int8 dynamic", quantize_int8(model))):
+    variants = [("fp32", model), ("bf16 weights", to_bf16(model)), ("int8 dynamic", quantize_int8(model))]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        variants.append(("NF4 blocks, bf16 head", quantize_nf4(model, device="cpu")))
+    for label, variant in variants:
         tps = decode_tps(lambda n, v=variant: v.generate([prompt], n, temperature=0, stop_at_eot=False), n_new)
         nbytes = decode_bytes_per_token(variant)
         bound = bandwidth / nbytes

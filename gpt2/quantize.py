@@ -35,12 +35,16 @@ def to_bf16(model: GPT) -> GPT:
     return copy.deepcopy(model).to(dtype=torch.bfloat16).eval()
 
 
-def quantize_nf4(model: GPT, *, compute_dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> GPT:
-    """A CUDA copy of `model` whose blocks' Linear layers hold NF4 weights (bitsandbytes Linear4bit), computing
-    in `compute_dtype`. The tied LM head / token embedding stays in `compute_dtype`, as transformers' 4-bit loading
+def quantize_nf4(
+    model: GPT, *, compute_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None
+) -> GPT:
+    """A copy of `model` whose blocks' Linear layers hold NF4 weights (bitsandbytes Linear4bit), computing in
+    `compute_dtype`, on `device`: CUDA, or CPU (bitsandbytes runs 4-bit layers on CPU since 0.47); by default CUDA
+    when there is one. The tied LM head / token embedding stays in `compute_dtype`, as transformers' 4-bit loading
     keeps lm_head: the output layer is the most sensitive to quantization error."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("quantize_nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); none is available here")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"NF4 weights run on CUDA or CPU (bitsandbytes), not on {device.type}")
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -57,7 +61,7 @@ def quantize_nf4(model: GPT, *, compute_dtype: torch.dtype = torch.bfloat16, dev
                 )
                 nf4.load_state_dict(linear.state_dict())
                 setattr(parent, name, nf4)
-    return model.to(device)  # bitsandbytes quantizes the weights on the move to the GPU
+    return model.to(device)  # bitsandbytes quantizes the weights when they move to their device, CPU included
 
 
 def _int8_linear_bytes(linear: nn.Module) -> int:

@@ -13,7 +13,7 @@ GPT-2 directory or hub name, or an MLflow model URI. What a directory holds deci
   early_exit.json        an early-exit model (jobs/train_early_exit.py's output); its exit rate is reported
   anything else          a plain checkpoint (head-pruned, distilled, fine-tuned, Post-LN: the kind column says which)
 The first model is the base: perplexity changes are relative to it, and --quantize derives int8 (dynamic
-quantization, CPU), bf16-weight and NF4 (CUDA with bitsandbytes only) variants of it; by default int8 and bf16, and
+quantization, CPU), bf16-weight and NF4 (bitsandbytes, on CUDA or CPU) variants of it; by default int8 and bf16, and
 NF4 where it can run. Every figure is measured in this process on --device (int8 always on the CPU), one variant
 after another. Writes comparison.csv and comparison.md under --output and logs them, with every figure as a metric,
 to MLflow (experiment "compare").
@@ -69,8 +69,9 @@ def parse_model_option(text: str) -> tuple[str, str]:
     return name, spec
 
 
-def nf4_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+def nf4_runs_on(device: torch.device) -> bool:
+    """bitsandbytes' 4-bit layers run on CUDA and on CPU (not on MPS), and bitsandbytes is optional."""
+    return device.type in ("cuda", "cpu") and importlib.util.find_spec("bitsandbytes") is not None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a variant to compare; repeat; the first is the base")
     p.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, metavar="KIND",
                    help=f"derive these variants of the first model, from {list(QUANTIZATIONS)} (default: int8 and"
-                        " bf16, and nf4 where CUDA and bitsandbytes are present)")
+                        " bf16, and nf4 where bitsandbytes is installed and the device is CUDA or CPU)")
     p.add_argument("--no-quantize", action="store_true", help="no derived variants")
     data = p.add_argument_group("data")
     data.add_argument("--shards", required=True, metavar="DIR",
@@ -106,11 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.no_quantize and args.quantize:
         p.error("--quantize and --no-quantize contradict each other")
-    if args.quantize is None:
-        args.quantize = [] if args.no_quantize else ["int8", "bf16"] + (["nf4"] if nf4_available() else [])
-    if "nf4" in args.quantize and not nf4_available():
-        p.error("--quantize nf4 needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); this machine lacks one")
-    names = [name for name, _ in args.models] + [f"{args.models[0][0]}-{kind}" for kind in args.quantize]
+    if args.no_quantize:
+        args.quantize = []
+    # Left None without --quantize: main picks the default once it knows the device (NF4 does not run on MPS).
+    derived = QUANTIZATIONS if args.quantize is None else args.quantize
+    names = [name for name, _ in args.models] + [f"{args.models[0][0]}-{kind}" for kind in derived]
     if len(set(names)) != len(names):
         p.error(f"variant names must be distinct: {names}")
     if args.hellaswag and not args.hellaswag.is_file():
@@ -169,7 +170,7 @@ def quantized(base: Variant, kind: str, device: torch.device) -> Variant:
     elif kind == "bf16":
         model, what = to_bf16(base.model).to(device), "bf16 weights"
     else:
-        model, what = quantize_nf4(base.model), "NF4 weights (bitsandbytes)"
+        model, what = quantize_nf4(base.model, device=device), "NF4 weights (bitsandbytes)"
     return Variant(f"{base.name}-{kind}", f"{what} of {base.name}", model, base.parameters, serialized_bytes(model))
 
 
@@ -193,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
+        if args.quantize is None:
+            args.quantize = ["int8", "bf16"] + (["nf4"] if nf4_runs_on(device) else [])
+        elif "nf4" in args.quantize and not nf4_runs_on(device):
+            raise ValueError(f"--quantize nf4 needs bitsandbytes (pip install bitsandbytes) and a CUDA or CPU device;"
+                             f" the device is {device.type}")
         tokens = validation_tokens(args.shards, args.eval_tokens)
         examples = load_hellaswag(args.hellaswag, limit=args.hellaswag_limit) if args.hellaswag else []
     except (OSError, ValueError) as e:

@@ -5,6 +5,7 @@ In serve/config.yaml a variant is either just its source or a mapping:
     variants:
       pretrained: runs/local/demo/final
       int8: {source: runs/local/demo/final, quantize: int8, description: "int8 dynamic quantization"}
+      nf4: {source: runs/local/demo/final, quantize: nf4}  # 4-bit weights (bitsandbytes), on CUDA or CPU
       early-exit: {source: runs/local/demo/early-exit}    # a directory holding early_exit.json is served with exits
 
 Relative paths are relative to the project root, so the same config works from `serve run`, `jobs/serve.py` and a
@@ -23,7 +24,7 @@ from cluster.models import is_mlflow_uri, load_model
 from cluster.ray_env import PROJECT_ROOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class VariantSpec:
     name: str
     source: str
     dtype: str = "auto"  # auto (fast on the device) | fp32 | bf16
-    quantize: str = "none"  # none | int8 (CPU)
+    quantize: str = "none"  # none | int8 (CPU) | nf4 (bitsandbytes, CUDA or CPU)
     description: str = ""
 
     def resolved_source(self) -> str:
@@ -78,4 +79,11 @@ def load_variant(spec: VariantSpec, device: torch.device):
         from gpt2.quantize import quantize_int8
 
         model = quantize_int8(model)
+    elif spec.quantize == "nf4":
+        from gpt2 import GPT
+        from gpt2.quantize import quantize_nf4
+
+        if not isinstance(model, GPT):  # an early-exit model: its classifier was calibrated on unquantized blocks
+            raise ValueError(f"variant {spec.name!r}: quantize nf4 applies to a plain checkpoint, not {spec.source}")
+        model = quantize_nf4(model, device=device)
     return model.eval()

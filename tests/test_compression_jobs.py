@@ -150,7 +150,7 @@ def test_comparison_table_of_every_variant(data, mlflow_server, tmp_path):
     save_early_exit(EarlyExitGPT(GPT.from_pretrained(str(data / "tiny")), exit_layer=1, threshold=0.5), tmp_path / "early")
     variants = ["--model", f"base={data / 'tiny'}", "--model", str(tmp_path / "pruned"),
                 "--model", f"lora={tmp_path / 'adapters'}", "--model", f"early-exit={tmp_path / 'early'}"]
-    expected = ["base", "base-int8", "base-bf16", "pruned", "lora", "early-exit"]
+    expected = ["base", "base-int8", "base-bf16", "base-nf4", "pruned", "lora", "early-exit"]  # NF4 on CPU too
     out = tmp_path / "table"
     argv = [*variants, "--shards", str(data / "shards"), "--eval-tokens", "300", "--decode-tokens", "8",
             "--hellaswag", str(data / "hellaswag.jsonl"), "--output", str(out), "--tracking-uri", mlflow_server,
@@ -165,6 +165,7 @@ def test_comparison_table_of_every_variant(data, mlflow_server, tmp_path):
     assert float(rows["base"]["perplexity_change_pct"]) == 0
     assert rows["base-int8"]["parameters"] == rows["base-bf16"]["parameters"] == rows["base"]["parameters"]
     assert float(rows["base-bf16"]["weights_mb"]) == pytest.approx(float(rows["base"]["weights_mb"]) / 2, rel=0.01)
+    assert float(rows["base-nf4"]["weights_mb"]) < float(rows["base-bf16"]["weights_mb"])
     assert int(rows["pruned"]["parameters"]) < int(rows["base"]["parameters"])
     assert rows["pruned"]["kind"] == "head-pruned (5/8 heads)" and rows["lora"]["kind"].startswith("LoRA merged")
     assert float(rows["lora"]["perplexity"]) != float(rows["base"]["perplexity"])  # the adapters were merged in
@@ -176,7 +177,7 @@ def test_comparison_table_of_every_variant(data, mlflow_server, tmp_path):
     assert {"comparison.csv", "comparison.md"} <= artifact_names(client, run)
 
 
-def test_comparison_rejects_bad_options(data, tmp_path, capsys):
+def test_comparison_rejects_bad_options(data, tmp_path, capsys, monkeypatch):
     job = load_job("compare")
     base = ["--shards", str(data / "shards"), "--no-mlflow", "--output", str(tmp_path / "out"), "--eval-tokens", "100"]
     (tmp_path / "adapters").mkdir()
@@ -184,7 +185,6 @@ def test_comparison_rejects_bad_options(data, tmp_path, capsys):
         '{"lora": {"rank": 2}, "base_config": {"n_layer": 2, "n_head": 4, "n_embd": 64}}'
     )
     cases = [
-        (["--model", str(data / "tiny"), "--quantize", "nf4"], "needs a CUDA GPU and bitsandbytes"),
         (["--model", f"a={data / 'tiny'}", "--model", f"a={data / 'tiny'}"], "names must be distinct"),
         (["--model", f"bad name={data / 'tiny'}"], "give it a name"),
         (["--model", f"gone={tmp_path / 'missing'}"], "does not exist"),
@@ -193,6 +193,9 @@ def test_comparison_rejects_bad_options(data, tmp_path, capsys):
     ]
     for extra, message in cases:
         assert message in error_of(job, base + extra, capsys), extra
+    # Where NF4 cannot run (no bitsandbytes, or an MPS device) asking for it is an error, not a silent omission.
+    monkeypatch.setattr(job, "nf4_runs_on", lambda device: False)
+    assert "needs bitsandbytes" in error_of(job, [*base, "--model", str(data / "tiny"), "--quantize", "nf4"], capsys)
 
 
 # ------------------------------------------------------------------------------------------------ compare_norms

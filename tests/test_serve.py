@@ -49,6 +49,7 @@ def server(tmp_path_factory):
         "long": _save(root / "long", tiny.replace(block_size=1024), 2),
     }
     variants["int8"] = {"source": variants["pretrained"], "quantize": "int8"}
+    variants["nf4"] = {"source": variants["pretrained"], "quantize": "nf4"}
     variants["early-exit"] = _early_exit_copy(variants["pretrained"], root / "early-exit")
     settings = {"variants": variants, "max_batch": 4, "max_pending": 32, "torch_threads": 1,
                 "model_replica_cpus": 0.5, "limits": {"max_n": 4, "max_body_bytes": 20_000}}
@@ -110,8 +111,9 @@ def test_openai_client(server):
         for c in piece.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert [streamed.get(i, "") for i in range(4)] == [c.text for c in out.choices]
-    int8 = client.completions.create(model="int8", prompt="One", max_tokens=5, temperature=0)
-    assert int8.usage.completion_tokens <= 5
+    for quantized in ("int8", "nf4"):
+        out = client.completions.create(model=quantized, prompt="One", max_tokens=5, temperature=0)
+        assert out.usage.completion_tokens <= 5 and out.model == quantized
 
 
 def test_early_exit_variant_reports_exits(server):
