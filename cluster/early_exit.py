@@ -47,7 +47,8 @@ from cluster.ray_env import quiet_train_reports
 from cluster.tracking import RunLogger
 from gpt2 import GPT
 from gpt2.checkpoint import atomic_directory, resolve_hub_name
-from gpt2.data import IGNORE_INDEX, ShardedTokenLoader
+from gpt2.config import IGNORE_INDEX
+from gpt2.data import ShardedTokenLoader
 from gpt2.early_exit import (
     EXIT_CONFIG_FILE,
     EXIT_WEIGHTS_FILE,

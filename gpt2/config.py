@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>, also used as the document separator in shards
+# Targets with this value carry no loss: F.cross_entropy's default ignore_index, which every loss here uses.
+IGNORE_INDEX = -100
 GPT2_VOCAB_SIZE = 50257
 
 

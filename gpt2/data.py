@@ -10,10 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from gpt2.config import IGNORE_INDEX
 from gpt2.shards import open_shard, resolve_shard_paths
-
-# Targets with this value carry no loss: it is F.cross_entropy's default ignore_index, which GPT.forward uses.
-IGNORE_INDEX = -100
 
 
 class ShardedTokenLoader:

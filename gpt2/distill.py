@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2.config import IGNORE_INDEX
 from gpt2.train import Batch, StepStats, TrainConfig, train_step
 
-IGNORE = -100  # targets that neither term scores, as in GPT.forward
 
 
 def _check_options(temperature: float, alpha: float) -> None:
@@ -52,8 +52,8 @@ def distillation_loss(
     student = student_logits.reshape(-1, vocab).float()  # (N, V)
     teacher = teacher_logits.reshape(-1, vocab).float()  # (N, V)
     targets = targets.reshape(-1)  # (N,)
-    cross_entropy = F.cross_entropy(student, targets, ignore_index=IGNORE)
-    scored = targets != IGNORE
+    cross_entropy = F.cross_entropy(student, targets, ignore_index=IGNORE_INDEX)
+    scored = targets != IGNORE_INDEX
     student_log_probs = F.log_softmax(student[scored] / temperature, dim=-1)  # (S, V)
     teacher_log_probs = F.log_softmax(teacher[scored] / temperature, dim=-1)  # (S, V)
     # "batchmean" divides the summed KL by its rows, the S scored positions: the KL per token.

@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import CheckpointError, atomic_directory, load_directory, read_config
-from gpt2.config import GPTConfig
+from gpt2.config import IGNORE_INDEX, GPTConfig
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
 
@@ -250,7 +250,7 @@ class EarlyExitGPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return logits, loss
 
@@ -514,12 +514,12 @@ def calibrate(
     device = model.transformer.wte.weight.device
 
     def nll(logits: torch.Tensor, y: torch.Tensor) -> float:
-        return float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"))
+        return float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
 
     with _frozen(model):
         for batch in token_batches:
             x, y = (t.to(device) for t in _inputs_and_targets(batch))
-            valid = y != -100  # (B, T): masked targets (the shard loader's -100) count nowhere
+            valid = y != IGNORE_INDEX  # (B, T): masked targets (the shard loader's -100) count nowhere
             h = model._lower(x, None)
             normed, exit_logits, score = model._exit_scores(h)
             full = model._upper(h, normed, exit_logits, torch.zeros_like(valid), None, False)

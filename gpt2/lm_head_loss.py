@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from gpt2.config import IGNORE_INDEX
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

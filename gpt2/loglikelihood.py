@@ -11,10 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from gpt2.config import EOT_TOKEN
+from gpt2.config import EOT_TOKEN, IGNORE_INDEX
 from gpt2.model import GPT
 
-IGNORE = -100  # the target value GPT.forward and F.cross_entropy skip
 
 
 @torch.no_grad()
@@ -36,14 +35,14 @@ def row_logprobs(model: GPT, rows: Sequence[Sequence[int]], first_targets: Seque
             raise ValueError(f"first_target {first} must be in [1, {len(row)}) for a row of {len(row)} tokens")
     width = max(len(row) for row in rows) - 1
     inputs = torch.full((len(rows), width), EOT_TOKEN, dtype=torch.long)  # (R, W); the pad id is never scored
-    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (R, W)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, W)
     for i, (row, first) in enumerate(zip(rows, first_targets)):
         tokens = torch.as_tensor(row, dtype=torch.long)
         inputs[i, : len(row) - 1] = tokens[:-1]
         targets[i, first - 1 : len(row) - 1] = tokens[first:]  # input position p predicts row[p + 1]
     device = next(model.parameters()).device
     logits, _ = model(inputs.to(device))  # (R, W, V)
-    scored = targets != IGNORE  # (R, W)
+    scored = targets != IGNORE_INDEX  # (R, W)
     # Only the scored positions go through log-softmax: a full (R, W, V) float32 copy would double peak memory.
     token_nll = F.cross_entropy(logits[scored.to(device)].float(), targets[scored].to(device), reduction="none")  # (N,)
     per_position = torch.zeros(len(rows), width, dtype=torch.float64)  # (R, W)

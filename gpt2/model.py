@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.config import GPTConfig
+from gpt2.config import IGNORE_INDEX, GPTConfig
 from gpt2.kv_cache import KVCache
 from gpt2.lm_head_loss import lm_head_loss
 
@@ -158,7 +158,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         if output_hidden_states:
             return logits, loss, hidden

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gpt2.config import IGNORE_INDEX
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -174,7 +176,7 @@ def evaluate_loss(
         y = y.to(device)
         with autocast():
             _, loss = model(x.to(device), y, return_logits=False)
-        scored = (y != -100).sum()
+        scored = (y != IGNORE_INDEX).sum()
         total += loss.double() * scored
         count += scored
     if dist.is_available() and dist.is_initialized():

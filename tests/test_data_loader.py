@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.config import EOT_TOKEN
+from gpt2.config import EOT_TOKEN, IGNORE_INDEX
 from gpt2.corpus import python_docs_documents, stdlib_documents
-from gpt2.data import IGNORE_INDEX, ShardedTokenLoader
+from gpt2.data import ShardedTokenLoader
 from gpt2.shards import (
     HEADER_BYTES,
     MANIFEST_NAME,
