@@ -13,7 +13,7 @@ highest memory:
   too): on a busy machine the wall-clock figures swing with the other work, tokens per CPU-second much less.
   Below each table the CPU time is split by process: the writer, the Pool's workers, Ray's tokenizer actors, its
   read tasks, Ray Data's helper actors and agents, and Ray's daemons (raylet, GCS, dashboard);
-- "read and tokenize only" is the machine's limit for any method: N processes that each read and tokenize their
+- "N processes, read+tokenize" is the machine's limit for any method: N processes that each read and tokenize their
   share of the files and keep only a count, writing nothing and sending nothing between them. Against it the goal
   (0.8 × cores × single) can be judged: no method that also orders the stream and writes shards can pass it.
 Peak memory should not grow with the corpus. Every time is the whole job, start to last shard; for Ray that includes
@@ -119,7 +119,7 @@ def _count_tokens(files: list[Path]) -> int:
     return sum(len(encode(text)) for path in files for text in _texts_of(path))
 
 
-def run_ceiling(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
+def run_limit(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
     """The machine's limit for any method: `workers` processes that each read and tokenize their share of the
     files and keep only a count, with no writing, no ordering and nothing sent between them."""
     files = sorted(corpus.glob("*.jsonl"))
@@ -156,8 +156,8 @@ def run_ray(corpus: Path, out: Path, workers: int, start_clock: Callable[[], flo
     return result
 
 
-METHODS = {"single": run_single, "pool": run_pool, "ray": run_ray, "ceiling": run_ceiling}
-WRITES_NOTHING = {"ceiling"}
+METHODS = {"single": run_single, "pool": run_pool, "ray": run_ray, "limit": run_limit}
+WRITES_NOTHING = {"limit"}
 
 
 ROLES = ("this process", "Pool workers", "tokenizer actors", "read tasks", "Ray Data helpers", "Ray daemons")
@@ -315,7 +315,7 @@ def print_table(corpus_bytes: int, results: dict[str, dict], workers: int) -> No
         "single": "single process",
         "pool": f"multiprocessing.Pool({workers})",
         "ray": f"Ray Data ({workers} actors)",
-        "ceiling": f"{workers} processes, read+tokenize",
+        "limit": f"{workers} processes, read+tokenize",
     }
     print(
         f"\n{'corpus':>22}  {'method':<30}{'seconds':>8}{'tokens/s':>12}{'× single':>10}{'CPU s':>8}"
