@@ -80,25 +80,34 @@ def test_chunked_head_loss_equals_the_full_logits_loss_and_gradients(autocast, m
     import gpt2.lm_head_loss
 
     monkeypatch.setattr(gpt2.lm_head_loss, "chunk_tokens", lambda device, n_vocab: 5)  # several uneven chunks
+    monkeypatch.setattr(gpt2.lm_head_loss, "vocab_block", lambda device, n_vocab: 7000)  # a short last block
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_pad_multiple=64))  # 50304 rows, 50257 in the softmax
     idx, targets = torch.randint(0, 50257, (2, 11)), torch.randint(0, 50257, (2, 11))
     targets[0, :3] = -100  # ignored positions
 
-    def loss_and_grads(return_logits: bool):
+    def loss_and_grads(return_logits: bool, autocast: bool):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits, loss = model(idx, targets, return_logits=return_logits)
         loss.backward()
         return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    full_logits, full, full_grads = loss_and_grads(True)
-    chunked_logits, chunked, chunked_grads = loss_and_grads(False)
+    full_logits, full, full_grads = loss_and_grads(True, autocast)
+    chunked_logits, chunked, chunked_grads = loss_and_grads(False, autocast)
     assert full_logits is not None and chunked_logits is None
-    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-4, atol=1e-6)  # bf16 rounds matmuls differently
-    assert torch.allclose(chunked, full, **tol)
-    for name, grad in full_grads.items():
-        assert torch.allclose(chunked_grads[name], grad, **tol), name
+    if autocast:
+        # bf16 matmuls round partial sums in a different order, so the two bf16 results differ by about as much as
+        # each differs from the fp32 gradient: the chunked one must be as close to fp32 as the plain one is.
+        _, _, exact_grads = loss_and_grads(True, autocast=False)
+        assert torch.allclose(chunked, full, rtol=1e-2)
+        for name, exact_grad in exact_grads.items():
+            error = lambda grads: ((grads[name] - exact_grad).norm() / exact_grad.norm()).item()  # noqa: E731
+            assert error(chunked_grads) <= max(1.5 * error(full_grads), 1e-3), name
+    else:
+        assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
+        for name, grad in full_grads.items():
+            assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
     assert not chunked_grads["transformer.wte.weight"][50257:].any()  # padded rows get no gradient
     with torch.no_grad():
         assert torch.allclose(model(idx, targets, return_logits=False)[1], model(idx, targets)[1], rtol=1e-5)
