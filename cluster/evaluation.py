@@ -289,7 +289,7 @@ def log_evaluation(
     source = Path(model_source)
     run_dir = next((d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
     if run_dir is not None:
-        logger = RunLogger(run_dir, experiment="unused: the run already exists", run_name=run_dir.name, uri=uri)
+        logger = RunLogger(run_dir, uri=uri)  # the training run, resumed from its mlflow_run_id
     else:
         logger = RunLogger(results_file.parent / "mlflow" / run_name, experiment="evaluate", run_name=run_name,
                            uri=uri, params=dict(params or {}))

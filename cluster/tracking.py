@@ -97,12 +97,17 @@ def free_port() -> int:
 
 
 class RunLogger:
+    """Metrics, params and artifacts of one run, to MLflow and to `run_dir/metrics.jsonl`.
+
+    A run directory that already holds `mlflow_run_id` resumes that run; otherwise a run `run_name` is created in
+    `experiment` (which may then be omitted only if the run exists)."""
+
     def __init__(
         self,
         run_dir: str | Path,
         *,
-        experiment: str,
-        run_name: str,
+        experiment: str | None = None,
+        run_name: str | None = None,
         uri: str | None = None,
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
@@ -110,6 +115,8 @@ class RunLogger:
         from mlflow.tracking import MlflowClient
 
         self.run_dir = Path(run_dir)
+        if experiment is None and not self._id_file().is_file():
+            raise ValueError(f"{self._id_file()} does not exist: name the experiment to start a new run in")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.uri = tracking_uri(uri)
@@ -141,7 +148,7 @@ class RunLogger:
             else:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-                run = self.client.create_run(exp_id, run_name=self.run_name, tags=self._tags)
+                run = self.client.create_run(exp_id, run_name=self.run_name or self.run_dir.name, tags=self._tags)
                 self.run_id = run.info.run_id
                 self._id_file().write_text(self.run_id)
                 self._log_params(self._params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster import tracking
@@ -53,13 +54,19 @@ def test_a_resumed_logger_continues_the_same_run(tmp_path, mlflow_server):
     first = RunLogger(tmp_path, experiment="resume", run_name="r", uri=mlflow_server)
     first.log_metrics({"loss": 2.0}, 0)
     first.close(status="KILLED")
-    second = RunLogger(tmp_path, experiment="resume", run_name="r", uri=mlflow_server)
+    second = RunLogger(tmp_path, uri=mlflow_server)  # the directory names the run: no experiment needed
     second.log_metrics({"loss": 1.0}, 1)
     second.close()
     assert second.run_id == first.run_id
     client = MlflowClient(mlflow_server)
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [0, 1]
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_new_run_without_an_experiment_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="mlflow_run_id does not exist: name the experiment"):
+        RunLogger(tmp_path / "run", uri=f"http://127.0.0.1:{free_port()}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unreachable_server_from_the_start_warns_once_and_keeps_metrics(tmp_path, capsys):
