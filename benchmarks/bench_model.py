@@ -8,14 +8,16 @@
    (memory bandwidth ÷ weight bytes per token), and what the smaller weights change: next-token agreement and KL
    divergence vs fp32 on real text, plus perplexity when a trained checkpoint is given (--checkpoint).
 
-  python -m benchmarks.bench_model [--threads 2] [--steps 3] [--checkpoint runs/pretrain/local/final]
+  python -m benchmarks.bench_model [--threads 2] [--steps 3] [--rounds 3] [--checkpoint runs/pretrain/local/final]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,24 +66,30 @@ def hf_loss(model, x, y):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
-def best_of_interleaved(runs: dict[str, callable], rounds: int = 2) -> dict[str, float]:
-    """Each measurement `rounds` times, taken in turn, the best kept: a slow moment on a shared machine or the
-    order of measurement does not decide a ratio."""
-    best = dict.fromkeys(runs, 0.0)
-    for _ in range(rounds):
-        for key, run in runs.items():
-            best[key] = max(best[key], run())
-    return best
+def interleaved_rounds(ours: Callable[[], float], theirs: Callable[[], float], rounds: int) -> list[tuple[float, float]]:
+    """(ours, theirs) tokens/s measured back to back, `rounds` times. A step's large buffers are page-faulted anew
+    whenever the allocator hands them back to the OS, which makes single figures swing by 10-20% with the process's
+    history; a ratio of two neighbouring measurements, and the median over rounds, does not."""
+    return [(ours(), theirs()) for _ in range(rounds)]
 
 
-def bench_training(steps: int, compile_too: bool) -> None:
+def summarize(pairs: list[tuple[float, float]]) -> tuple[float, float, float, float, float]:
+    """Median tokens/s of each side, then the median, lowest and highest of the per-round ratios."""
+    ratios = [a / b for a, b in pairs]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(ratios), min(ratios), max(ratios))
+
+
+def bench_training(steps: int, rounds: int, compile_too: bool) -> None:
     fp32_peak = measure_matmul_flops("cpu", torch.float32, n=2048)
     bf16_peak = measure_matmul_flops("cpu", torch.bfloat16, n=2048)
     print(f"\n## Training step tokens/s ({torch.get_num_threads()} threads; measured matmul peak: fp32 "
           f"{fp32_peak / 1e9:.0f} GFLOP/s, bf16 {bf16_peak / 1e9:.0f} GFLOP/s)")
     print("Both models take the same optimizer (this project's AdamW: fused, decay on matrices only). 'compiled' is")
     print("torch.compile of each model (the pretraining config's train.compile); the last column compares this")
-    print("project compiled with transformers as most people run it, uncompiled.")
+    print("project compiled with transformers as most people run it, uncompiled. tokens/s: the median of")
+    print(f"{rounds} rounds, each measuring the two models back to back; ratio: the median of the rounds' ratios")
+    print("(lowest-highest).")
     print("| model | precision | mode | this project | transformers | ratio | project GFLOP/s | of peak | vs transformers eager |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, B, T in (("gpt2", 2, 512), ("small", 8, 256)):
@@ -94,17 +102,15 @@ def bench_training(steps: int, compile_too: bool) -> None:
         for autocast in (False, True):
             hf_eager = None
             for mode, (m_ours, m_hf) in models.items():
-                tps = best_of_interleaved({
-                    "ours": lambda: time_train_steps(m_ours, ours_loss, B, T, steps, autocast),
-                    "hf": lambda: time_train_steps(m_hf, hf_loss, B, T, steps, autocast),
-                })
-                a, b = tps["ours"], tps["hf"]
+                pairs = interleaved_rounds(lambda: time_train_steps(m_ours, ours_loss, B, T, steps, autocast),
+                                           lambda: time_train_steps(m_hf, hf_loss, B, T, steps, autocast), rounds)
+                a, b, ratio, low, high = summarize(pairs)
                 hf_eager = hf_eager or b
                 flops = ours.flops_per_token(T) * a
                 peak = bf16_peak if autocast else fp32_peak
                 label = "bf16 autocast" if autocast else "fp32"
-                print(f"| {name} B={B} T={T} | {label} | {mode} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {flops / 1e9:.0f}"
-                      f" | {flops / peak:.0%} | {a / hf_eager:.2f}x |", flush=True)
+                print(f"| {name} B={B} T={T} | {label} | {mode} | {a:.0f} | {b:.0f} | {ratio:.2f}x ({low:.2f}-{high:.2f})"
+                      f" | {flops / 1e9:.0f} | {flops / peak:.0%} | {a / hf_eager:.2f}x |", flush=True)
 
 
 def measure_bandwidth() -> float:
@@ -175,7 +181,8 @@ def bench_decoding(n_new: int, checkpoint: str | None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each pair, taken in turn (median reported)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--checkpoint", default=None, help="a trained 124M-or-other checkpoint for the decoding quality figures")
     p.add_argument("--only", choices=["train", "decode"], default=None)
@@ -184,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# bench_model: torch {torch.__version__}, {args.threads} threads")
     if args.only in (None, "train"):
-        bench_training(args.steps, compile_too=not args.no_compile)
+        bench_training(args.steps, args.rounds, compile_too=not args.no_compile)
     if args.only in (None, "decode"):
         bench_decoding(args.new_tokens, args.checkpoint)
 
