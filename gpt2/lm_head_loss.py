@@ -10,8 +10,9 @@ float rounding.
 On CPU each chunk is further cut into blocks of vocabulary rows, for two reasons measured on the 124M model:
 - oneDNN runs `(1024, 768) @ (768, 4096)` and the weight gradient `(4096, 1024) @ (1024, 768)` near the machine's
   bf16 peak, but the same products over all 50,257 rows at 290-360 GFLOP/s;
-- every temporary stays under glibc's 32 MB mmap threshold, so it is reused from the heap instead of being mapped,
-  page-faulted and zero-filled afresh each step (the whole-vocabulary buffers cost about 0.3 s per step that way).
+- every temporary (all but the weight gradient itself) stays under glibc's 32 MB mmap threshold, so it is reused
+  from the heap instead of being mapped, page-faulted and filled afresh each step (the whole-vocabulary buffers cost
+  about 0.3 s per step that way).
 The logsumexp is combined across blocks; the weight gradient is written block by block, never zero-filled first.
 
 Matmuls run in the autocast dtype when autocast is on (as `nn.Linear` would), the softmax always in fp32.
