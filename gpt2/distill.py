@@ -19,7 +19,6 @@ from gpt2.config import IGNORE_INDEX
 from gpt2.train import Batch, StepStats, TrainConfig, train_step
 
 
-
 def _check_options(temperature: float, alpha: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

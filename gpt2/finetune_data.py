@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpt2.config import EOT_TOKEN
-from gpt2.config import IGNORE_INDEX
+from gpt2.config import EOT_TOKEN, IGNORE_INDEX
 from gpt2.tokenizer import get_tokenizer
 
 DEFAULT_SEQ_LEN = 512

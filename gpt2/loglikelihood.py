@@ -15,7 +15,6 @@ from gpt2.config import EOT_TOKEN, IGNORE_INDEX
 from gpt2.model import GPT
 
 
-
 @torch.no_grad()
 def row_logprobs(model: GPT, rows: Sequence[Sequence[int]], first_targets: Sequence[int]) -> list[float]:
     """For each row, the summed log-probability of tokens ``row[first_target:]`` given the tokens before them.

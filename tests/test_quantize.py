@@ -10,6 +10,7 @@ from gpt2 import GPT, GPTConfig, preset
 from gpt2.quantize import model_size_bytes, quantize_int8, quantize_nf4, to_bf16
 from gpt2.train import TrainConfig, evaluate_loss, make_optimizer
 
+
 def test_model_size_bytes_counts_what_is_stored(tiny_model):
     n = sum(p.numel() for p in tiny_model.parameters())  # the tied head once
     assert model_size_bytes(tiny_model) == 4 * n
