@@ -4,6 +4,11 @@ Layout: `config.json` in the Hugging Face GPT-2 schema, with this project's extr
 and `model.safetensors` with Hugging Face tensor names. Hugging Face stores the four projection weights as Conv1D,
 i.e. transposed relative to nn.Linear, so they are transposed on the way in and out.
 
+Beside them, the tokenizer (`vocab.json`, `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`) and
+`generation_config.json`: without the tokenizer files `transformers.pipeline`/`AutoTokenizer` build an empty GPT-2
+tokenizer and generate nothing, and vLLM and lm-eval cannot start. Loading never needs them, so checkpoints written
+before they existed still load.
+
 Nothing here unpickles arbitrary objects: safetensors, or torch.load(weights_only=True) for `pytorch_model.bin`.
 """
 
@@ -23,10 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from gpt2.config import EOT_TOKEN, GPTConfig
 from gpt2.model import GPT
+from gpt2.tokenizer import EOT_TEXT, bpe_file_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 PROJECT_KEY = "gpt2_project"
 FORMAT_VERSION = 1
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -111,6 +122,46 @@ def config_from_hf_dict(d: dict, source: str = CONFIG_FILE) -> GPTConfig:
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer files
+
+
+def hf_tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json content: the settings under which transformers' GPT2Tokenizer, reading this project's
+    BPE files, encodes and decodes exactly as tiktoken does."""
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": EOT_TEXT,
+        "eos_token": EOT_TEXT,
+        "unk_token": EOT_TEXT,
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "errors": "replace",  # as tiktoken's decode, for a token sequence that ends inside a UTF-8 character
+        # transformers 4.x defaults to True, which rewrites " ." as "." and " 's" as "'s" when decoding.
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def hf_tokenizer_files(config: GPTConfig) -> dict[str, bytes]:
+    """The tokenizer and generation files of a checkpoint directory, by name. The BPE data is the sha256-checked
+    bytes this project tokenizes with, copied as they are."""
+    merges, vocab = bpe_file_bytes()
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    # GPT-2 has no padding token; transformers pads a batch with eos when none is set.
+    generation_config = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
+    return {
+        VOCAB_FILE: vocab,
+        MERGES_FILE: merges,
+        TOKENIZER_CONFIG_FILE: _json_bytes(hf_tokenizer_config(config.block_size)),
+        SPECIAL_TOKENS_MAP_FILE: _json_bytes(special),
+        GENERATION_CONFIG_FILE: _json_bytes(generation_config),
+    }
+
+
+def _json_bytes(d: dict) -> bytes:
+    return (json.dumps(d, indent=2) + "\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
@@ -258,7 +309,7 @@ def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:
 
 
 def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Path], None] | None = None) -> None:
-    """Write `path` atomically (see `atomic_directory`).
+    """Write the model's weights, config, tokenizer and generation files to `path` atomically (see `atomic_directory`).
 
     `extra(tmp_dir)` may add more files (trainer state, a model card) before the rename, so they land together.
     """
@@ -266,6 +317,8 @@ def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Pat
         dtype = model.transformer.wte.weight.dtype
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
         save_file(_to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, data in hf_tokenizer_files(model.config).items():
+            (tmp / name).write_bytes(data)
         if extra is not None:
             extra(tmp)
 

