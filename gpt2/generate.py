@@ -1,59 +1,17 @@
 """Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling, batched and streamed.
 
-Every row samples with its own torch.Generator, so a seeded row produces the same tokens whatever else is in the
-batch. Sampling runs on the CPU in float32 (one row of logits per token is a small copy), which also makes seeded
-output independent of the device the model runs on.
+Every row samples with its own torch.Generator (gpt2.sampling, the same sampler the serving engine uses), so a seeded
+row produces the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from gpt2.config import EOT_TOKEN, GPTConfig
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_k: int | None = None  # keep the k most likely tokens
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p (nucleus sampling)
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def make_generator(seed: int | None) -> torch.Generator | None:
-    if seed is None:
-        return None
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from a row of logits (V,)."""
-    logits = logits.detach().float().cpu()
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p is not None and params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p; the most likely one always stays.
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        probs[order[drop]] = 0.0
-    return int(torch.multinomial(probs, 1, generator=generator))
+from gpt2.sampling import SamplingParams, SequenceSampling, choose
 
 
 def check_prompt(tokens: Sequence[int], config: GPTConfig, max_new_tokens: int, crop: bool = False) -> list[int]:
@@ -119,9 +77,9 @@ def stream(
     seed: an int seeds row i with seed + i; a list gives each row its own seed; None uses torch's global RNG.
     stop_at_eot: a row finishes when it samples <|endoftext|>, which is not emitted.
     """
-    params = SamplingParams(temperature, top_k, top_p)
+    params = SamplingParams(temperature, top_k, top_p, ignore_eos=not stop_at_eot)
     rows = [check_prompt(r, model.config, max_new_tokens, crop_prompt) for r in _as_rows(idx)]
-    generators = [make_generator(s) for s in _seeds(seed, len(rows))]
+    sequences = [SequenceSampling(params, r, seed=s) for r, s in zip(rows, _seeds(seed, len(rows)))]
     if max_new_tokens == 0:
         return
     was_training = model.training
@@ -130,17 +88,19 @@ def stream(
         device = model.transformer.wte.weight.device
         cache = model.new_kv_cache(len(rows), max(len(r) for r in rows) + max_new_tokens)
         # Prefill each prompt alone into its own cache row: no padding, and only the last position's logits.
-        last = [
-            model(torch.tensor([r], device=device), kv_cache=cache.rows(b), last_only=True)[0][0, -1]
+        last = torch.cat([
+            model(torch.tensor([r], device=device), kv_cache=cache.rows(b), last_only=True)[0][:, -1]
             for b, r in enumerate(rows)
-        ]
+        ])  # (B, V)
         done = [False] * len(rows)
         for step in range(max_new_tokens):
+            chosen, _ = choose(last, sequences)
             tokens: list[int | None] = []
-            for b in range(len(rows)):
-                t = None if done[b] else sample_token(last[b], params, generators[b])
-                if t == EOT_TOKEN and stop_at_eot:
+            for b, t in enumerate(chosen):
+                if done[b] or t in sequences[b].params.stop_tokens:
                     done[b], t = True, None
+                else:
+                    sequences[b].record(t)
                 tokens.append(t)
             if all(done):
                 return
@@ -149,7 +109,7 @@ def stream(
                 return
             feed = torch.tensor([[EOT_TOKEN if t is None else t] for t in tokens], device=device)  # (B, 1)
             logits, _ = model(feed, kv_cache=cache, last_only=True)  # (B, 1, V); finished rows are ignored
-            last = list(logits[:, -1])
+            last = logits[:, -1]
     finally:
         model.train(was_training)
 

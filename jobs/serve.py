@@ -3,6 +3,7 @@
     python jobs/serve.py                                  # serve/config.yaml onto the running cluster
     python jobs/serve.py --variant mine=runs/pretrain/x/final --variant base=models:/local/1
     python jobs/serve.py --blocking                       # stay in the foreground; Ctrl-C removes the application
+    GPT2_API_KEY=... python jobs/serve.py                 # the API then needs `Authorization: Bearer <key>`
 
 With no running cluster a local Ray instance is started for this process, which then stays in the foreground
 (the application lives as long as that instance).
@@ -11,6 +12,7 @@ With no running cluster a local Ray instance is started for this process, which 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve as ray_serve
 
+    from serve.auth import API_KEY_ENV
     from serve.deploy import deploy
 
     how = init_ray(args.address)
@@ -87,10 +90,15 @@ def main(argv: list[str] | None = None) -> None:
                       route_prefix=app_entry.get("route_prefix", "/"))
     except (RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    keyed = bool(settings.get("api_key") or os.environ.get(API_KEY_ENV))
     print(f"application {name!r} is up with variants {sorted(variants)}")
     print(f"  web page:   {base}/")
     print(f"  API:        {base}/v1  (OpenAI-compatible: /v1/completions, /v1/models)")
-    print(f"  example:    curl {base}/v1/completions -H 'Content-Type: application/json' "
+    print(f"  also:       {base}/tokenize, /detokenize, /tokenizer_info (as vLLM's), /metrics (Prometheus)")
+    if keyed:
+        print("  API key:    required (Authorization: Bearer <key>) on every route but the page and /healthz")
+    auth = " -H \"Authorization: Bearer $GPT2_API_KEY\"" if keyed else ""
+    print(f"  example:    curl {base}/v1/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{sorted(variants)[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 20}}'")
     if how == "local" and not args.blocking:
         print("no running Ray cluster was found, so the application lives in this process: staying in the foreground")

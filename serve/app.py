@@ -10,24 +10,33 @@ Two deployments:
   machine three 1-CPU deployments do not fit, while one replica holding every variant does. Each loaded variant has
   a continuous-batching engine (serve/engine.py) that decodes all its concurrent requests together.
 
+Besides the OpenAI API the gateway answers vLLM's tokenizer endpoints (serve/tokenization.py), Prometheus metrics at
+/metrics (serve/metrics.py), and, when an API key is set, refuses every route but the page and /healthz to callers
+without it (serve/auth.py).
+
 Start it with `serve run serve/config.yaml`, `python jobs/serve.py`, or the pipeline job.
 """
 
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
+from serve import tokenization
+from serve.auth import OPEN_PATHS, api_key_from_env, check_authorization
 from serve.completions import collect_response, held_until_finish, run_completion, sse_stream
+from serve.metrics import GatewayMetrics
 from serve.protocol import APIError, CompletionRequest, Limits, check_request, completion_id, validation_message
+from serve.tokenization import DetokenizeRequest, TokenizeRequest, context_length
 from serve.variants import parse_variants
 
 log = logging.getLogger("ray.serve")
@@ -40,7 +49,8 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variants: dict
     limits: Limits = Limits()
-    max_batch: int = 8  # requests decoded together per variant
+    max_batch: int = 16  # requests decoded together per variant (cache rows; one pass over the weights for all)
+    prefill_tokens: int = 512  # token slots of one prefill pass: longer prompts go in by chunks between decode steps
     max_pending: int = 16  # requests waiting for a decoding row, per variant; beyond that: 503
     torch_threads: int = 2  # Ray sets OMP threads from num_cpus; decoding wants every core the replica owns
     device: str | None = None  # None: CUDA, then MPS, then CPU
@@ -49,6 +59,7 @@ class ServerSettings(BaseModel):
     model_replica_cpus: float = 1.0
     max_model_replicas: int = 1  # autoscaling upper bound; raise it on machines with cores to spare
     use_gpu: str = "auto"  # auto | true | false: GPU model replicas when the cluster has GPUs
+    api_key: SecretStr | None = None  # clients then send `Authorization: Bearer <key>`; default: GPT2_API_KEY
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -79,7 +90,8 @@ class ModelServer:
 
         model = await asyncio.to_thread(load_variant, self.variants[name], self.device)
         s = self.settings
-        engine = DecodeEngine(model, max_batch=s.max_batch, max_pending=s.max_pending, name=name)
+        engine = DecodeEngine(model, max_batch=s.max_batch, max_pending=s.max_pending, prefill_tokens=s.prefill_tokens,
+                              name=name)
         self.engines[name] = engine
         return _LoadedVariant(engine)
 
@@ -93,7 +105,7 @@ class ModelServer:
             yield {"event": "error", "status": 500, "message": f"model {name!r} could not be loaded: {e}"}
             return
         req = CompletionRequest(**body)
-        events = run_completion(loaded.engine, req)
+        events = run_completion(loaded.engine, req, self.settings.limits)
         async for event in (events if req.stream else held_until_finish(events)):
             yield event
 
@@ -117,7 +129,32 @@ class _LoadedVariant:
         self.engine.close()
 
 
-app = FastAPI(title="GPT-2 on Ray Serve", docs_url="/docs")
+async def _authorized(request: Request) -> None:
+    """A dependency of every route (so a route added later is covered too): the API key, where one is set."""
+    serve.get_replica_context().servable_object.authorize(request)
+
+
+app = FastAPI(title="GPT-2 on Ray Serve", docs_url="/docs", dependencies=[Depends(_authorized)])
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes: a chunked body declares no length, and
+    reading it whole before checking would let one request make the gateway hold any amount of memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
 
 
 @serve.deployment(
@@ -133,6 +170,22 @@ class Gateway:
         self.limits = self.settings.limits
         self.models = model_server
         self.page = PAGE.read_text(encoding="utf-8")
+        self.started = int(time.time())
+        self.context = {name: context_length(spec.resolved_source()) for name, spec in self.variants.items()}
+        self.metrics = GatewayMetrics(self.variants)
+
+    def authorize(self, request: Request) -> None:
+        """Raises 401 unless the request carries the API key; without a key set, and for the page and /healthz,
+        everyone passes."""
+        route = request.scope["route"].path
+        if self.settings.api_key is None or route in OPEN_PATHS:
+            return
+        try:
+            check_authorization(request.headers.get("authorization"), self.settings.api_key)
+        except APIError as e:
+            if route == "/v1/completions":
+                self.metrics.answered(None, e.status)
+            raise
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -144,10 +197,13 @@ class Gateway:
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
+        """The variants, with what a client may know of them: never their source (a local path or MLflow URI)."""
         return {
             "object": "list",
             "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "gpt2-ray", **spec.public()}
+                {"id": name, "object": "model", "created": self.started, "owned_by": "gpt2-ray",
+                 "max_model_len": self.context[name], "dtype": spec.dtype, "quantize": spec.quantize,
+                 "description": spec.description}
                 for name, spec in self.variants.items()
             ],
         }
@@ -157,8 +213,35 @@ class Gateway:
         """Decoding statistics of one model replica (active/pending requests, mean batch, tokens generated)."""
         return await self.models.stats.remote()
 
+    @app.get("/metrics")
+    async def prometheus_metrics(self) -> Response:
+        try:
+            stats = await asyncio.wait_for(self.models.stats.remote(), timeout=5)
+        except Exception as e:  # a model replica starting or gone: the gateway's own metrics still answer
+            log.warning("/metrics: no statistics from the model replica (%s: %s)", type(e).__name__, e)
+            stats = None
+        return Response(self.metrics.render(stats), media_type=self.metrics.content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict:
+        req = await self._read(request, TokenizeRequest)
+        return tokenization.tokenize(req, self._max_model_len(req.model))
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict:
+        req = await self._read(request, DetokenizeRequest)
+        if req.model is not None:
+            self._check_model(req.model)
+        return tokenization.detokenize(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self) -> dict:
+        return tokenization.tokenizer_info(self._max_model_len(None))
+
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        started = time.perf_counter()
+        req = None
         try:
             req = await self._parse(request)
             events = self.models.options(multiplexed_model_id=req.model, stream=True).complete.remote(req.model_dump())
@@ -174,23 +257,36 @@ class Gateway:
             if first["event"] == "error":
                 raise APIError(first["status"], first["message"], param=first.get("param"))
         except APIError as e:
+            self.metrics.answered(req.model if req else None, e.status)
             return JSONResponse(e.body(), status_code=e.status)
+        events = self.metrics.timed(events, req.model, started, streamed=req.stream)
         cid = completion_id()
+        headers = {}
+        ignored = req.ignored_fields()
+        if ignored:  # as vLLM does: accepted, ignored, and said so
+            log.warning("completion request: ignoring unknown field(s) %s", ", ".join(ignored))
+            headers["X-Ignored-Fields"] = ", ".join(ignored)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            self.metrics.answered(req.model, 200)
             return StreamingResponse(
                 sse_stream(events, cid, req.model, include_usage), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
             )
-        return await collect_response(events, cid, req.model, first["choices"])
+        response = await collect_response(events, cid, req.model, first["choices"], logprobs=req.logprobs is not None)
+        response.headers.update(headers)
+        self.metrics.answered(req.model, response.status_code)
+        return response
 
     async def _parse(self, request: Request) -> CompletionRequest:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {self.limits.max_body_bytes}")
-        raw = await request.body()
-        if len(raw) > self.limits.max_body_bytes:
-            raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
+        req = await self._read(request, CompletionRequest)
+        self._check_model(req.model)
+        check_request(req, self.limits)
+        return req
+
+    async def _read(self, request: Request, schema: type[BaseModel]):
+        """The JSON body as `schema`, read within the size limit (413), valid JSON (400) and valid fields (422)."""
+        raw = await read_body(request, self.limits.max_body_bytes)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -198,23 +294,32 @@ class Gateway:
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
-            req = CompletionRequest.model_validate(body)
+            return schema.model_validate(body)
         except ValidationError as e:
             message, param = validation_message(e.errors())
             raise APIError(422, message, param=param) from e
-        if req.model not in self.variants:
+
+    def _check_model(self, name: str) -> None:
+        if name not in self.variants:
             raise APIError(
-                404, f"model {req.model!r} does not exist; available: {sorted(self.variants)}", param="model",
+                404, f"model {name!r} does not exist; available: {sorted(self.variants)}", param="model",
                 code="model_not_found",
             )
-        check_request(req, self.limits)
-        return req
+
+    def _max_model_len(self, model: str | None) -> int:
+        """The context of `model`; with none named (lm-eval's tokenizer calls name none), the smallest of the
+        variants' contexts: the length every variant accepts."""
+        if model is None:
+            return min(self.context.values())
+        self._check_model(model)
+        return self.context[model]
 
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run serve/config.yaml` (import_path: serve.app:build_app)."""
     settings = ServerSettings(**args)
     parse_variants(settings.variants)  # fail at deploy time, with the variant named, not at the first request
+    settings.api_key = api_key_from_env(settings.api_key)
     model_server = ModelServer.options(
         ray_actor_options=_model_actor_options(settings),
         # Requests decoding plus requests waiting for a row; the engine answers 503 beyond that, and the callers
@@ -227,7 +332,8 @@ def build_app(args: dict) -> serve.Application:
             "target_ongoing_requests": settings.max_batch,
         },
     )
-    return Gateway.bind(model_server.bind(settings.model_dump()), settings.model_dump())
+    # Only the gateway checks the key; the model replicas never see it.
+    return Gateway.bind(model_server.bind(settings.model_dump(exclude={"api_key"})), settings.model_dump())
 
 
 def _model_actor_options(settings: ServerSettings) -> dict:

@@ -2,25 +2,88 @@
 and turning its events into a JSON response or server-sent events (gateway side).
 
 Events are plain dicts so they cross Ray process boundaries: {"event": "start" | "text" | "finish" | "error" | "end"}.
+A "text" event may carry "logprobs" (OpenAI's completions logprobs object for the tokens it covers); a "finish" event
+carries "reason" (stop | length) and "stop_reason" (the stop string or stop token id that ended it, else None).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+import weakref
 
 from fastapi.responses import JSONResponse
 
-from serve.protocol import APIError, CompletionRequest, StopText, chunk, response
+from serve.protocol import (
+    APIError,
+    CompletionRequest,
+    Limits,
+    StopMatcher,
+    StopText,
+    chunk,
+    logprobs_block,
+    merge_logprobs,
+    response,
+)
 
 
-async def run_completion(engine, req: CompletionRequest):
+class _Pump:
+    """Hands engine events to the event loop with at most one wake-up of the loop per batch of events.
+
+    The engine thread produces one event per request per decoding step; waking the loop for each of them costs a
+    system call and a context switch apiece, which on a 2-core machine is taken from decoding."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is already on its way
+                return
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_pumps: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pump]" = weakref.WeakKeyDictionary()
+
+
+def _pump() -> _Pump:
+    loop = asyncio.get_running_loop()
+    pump = _pumps.get(loop)
+    if pump is None:
+        pump = _pumps[loop] = _Pump(loop)
+    return pump
+
+
+class _Choice:
+    """One completion of a request: its text so far (after stop strings), its logprobs offset, its engine handle."""
+
+    def __init__(self, index: int, prompt: list[int], prompt_text: str, matcher: StopMatcher, req: CompletionRequest):
+        self.index, self.prompt, self.prompt_text = index, prompt, prompt_text
+        self.text = StopText(matcher, req.include_stop_str_in_output)
+        self.offset = len(prompt_text) if req.echo else 0  # text_offset of the next token
+        self.handle = None
+        self.finished = False
+        self.tokens = 0
+        self.exits = 0
+
+
+async def run_completion(engine, req: CompletionRequest, limits: Limits):
     """Events for one request (see ModelServer.complete): submits every choice to the engine, applies stop strings,
-    and frees the decoding rows when the consumer goes away."""
-    from gpt2.generate import SamplingParams, check_prompt
+    and frees the decoding rows when the consumer goes away or the request's deadline passes."""
+    from gpt2.generate import check_prompt
     from gpt2.tokenizer import get_tokenizer
-    from serve.engine import EngineOverloaded, Finished, Token
+    from serve.engine import EngineOverloaded, Finished, PromptLogprobs, Token
 
     enc = get_tokenizer()
     prompts = [p if isinstance(p, list) else enc.encode(p, allowed_special={"<|endoftext|>"}) for p in req.prompts()]
@@ -31,112 +94,154 @@ async def run_completion(engine, req: CompletionRequest):
         where = f"prompt {i}: " if len(prompts) > 1 else ""
         yield {"event": "error", "status": 400, "message": where + str(e), "param": "prompt"}
         return
-    params = SamplingParams(float(req.temperature), req.top_k, float(req.top_p))
-    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + limits.request_timeout_s
+    params = req.sampling_params()
+    # A long stop string's table is built off the event loop: other requests' events keep flowing meanwhile.
+    stops = req.stops()
+    matcher = await asyncio.to_thread(StopMatcher, stops) if sum(map(len, stops)) > 10_000 else StopMatcher(stops)
+    texts = [p if isinstance(p, str) else enc.decode(list(p), errors="replace") for p in req.prompts()]
+    choices = [_Choice(j * req.n + i, p, texts[j], matcher, req) for j, p in enumerate(prompts) for i in range(req.n)]
+    pump = _pump()
     events: asyncio.Queue = asyncio.Queue()
 
     def listener(index: int):
-        def on_event(event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (index, event))
+        return lambda event: pump.put(events, (index, event))
 
-        return on_event
-
-    choices = [(p, i) for p in prompts for i in range(req.n)]  # OpenAI order: all n of prompt 0, then prompt 1, ...
-    texts = [StopText(req.stops()) for _ in choices]
-    handles, finished = [], [False] * len(choices)
-    counts, exits = [0] * len(choices), [0] * len(choices)
+    wants_prompt_lp = req.echo and req.logprobs is not None
     try:
-        for index, (prompt, i) in enumerate(choices):
-            seed = None if req.seed is None else req.seed + i
-            threshold = None if req.early_exit_threshold is None else float(req.early_exit_threshold)
-            handles.append(
-                engine.submit(prompt, req.max_tokens, params, listener(index), seed=seed, exit_threshold=threshold)
+        for c in choices:  # OpenAI order: all n of prompt 0, then prompt 1, ...
+            i = c.index % req.n
+            c.handle = engine.submit(
+                c.prompt, req.max_tokens, params, listener(c.index),
+                seed=None if req.seed is None else req.seed + i,
+                exit_threshold=None if req.early_exit_threshold is None else float(req.early_exit_threshold),
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if wants_prompt_lp else None,
             )
     except EngineOverloaded as e:
-        for h in handles:
-            engine.cancel(h)
+        for c in choices:
+            if c.handle is not None:
+                engine.cancel(c.handle)
         yield {"event": "error", "status": 503, "message": str(e)}
         return
     yield {"event": "start", "prompt_tokens": sum(len(p) for p in prompts), "choices": len(choices)}
+    if req.echo and not wants_prompt_lp:
+        for c in choices:
+            yield {"event": "text", "index": c.index, "text": c.prompt_text}
     started = time.perf_counter()
     try:
-        while not all(finished):
-            index, event = await events.get()
-            if finished[index]:
+        while not all(c.finished for c in choices):
+            try:
+                index, event = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:  # the request ran out of time: what it has is its answer
+                for c in choices:
+                    if not c.finished:
+                        engine.cancel(c.handle)
+                        c.finished = True
+                        tail = c.text.flush()
+                        if tail:
+                            yield {"event": "text", "index": c.index, "text": tail}
+                        yield {"event": "finish", "index": c.index, "reason": "length", "stop_reason": None}
+                break
+            c = choices[index]
+            if c.finished:
                 continue
-            if isinstance(event, Token):
-                counts[index] += 1
-                exits[index] += bool(event.exited)
-                piece = texts[index].push(event.id)
-                if piece:
-                    yield {"event": "text", "index": index, "text": piece}
-                if texts[index].stopped:  # a stop string ended this choice; free its decoding row now
-                    engine.cancel(handles[index])
-                    finished[index] = True
-                    yield {"event": "finish", "index": index, "reason": "stop"}
+            if isinstance(event, PromptLogprobs):
+                block, _ = logprobs_block(c.prompt, event.logprobs, event.top, 0)
+                yield {"event": "text", "index": index, "text": c.prompt_text, "logprobs": block}
+            elif isinstance(event, Token):
+                c.tokens += 1
+                c.exits += bool(event.exited)
+                piece = "" if event.stop else c.text.push(event.id)
+                out = {"event": "text", "index": index, "text": piece}
+                if event.logprobs is not None:
+                    lp = event.logprobs
+                    out["logprobs"], c.offset = logprobs_block([event.id], [lp.logprob], [lp.top], c.offset)
+                if piece or "logprobs" in out:
+                    yield out
+                if c.text.stopped is not None:  # a stop string ended this choice; free its decoding row now
+                    engine.cancel(c.handle)
+                    c.finished = True
+                    yield {"event": "finish", "index": index, "reason": "stop", "stop_reason": c.text.stopped}
             elif isinstance(event, Finished):
-                finished[index] = True
+                c.finished = True
                 if event.reason == "error":
                     yield {"event": "error", "status": 500, "message": f"generation failed: {event.error}"}
                     return
-                tail = texts[index].flush()
+                tail = c.text.flush()
                 if tail:
                     yield {"event": "text", "index": index, "text": tail}
-                yield {"event": "finish", "index": index, "reason": "stop" if event.reason == "stop" else "length"}
+                reason = "stop" if event.reason == "stop" else "length"
+                yield {"event": "finish", "index": index, "reason": reason, "stop_reason": event.stop_token}
     finally:  # also on cancellation (the client went away): free every row this request still holds
-        for index, h in enumerate(handles):
-            if not finished[index]:
-                engine.cancel(h)
+        for c in choices:
+            if not c.finished and c.handle is not None:
+                engine.cancel(c.handle)
     elapsed = time.perf_counter() - started
-    generated = sum(counts)
+    generated = sum(c.tokens for c in choices)
+    prompt_tokens = sum(len(p) for p in prompts)
     end = {
         "event": "end",
-        "usage": {
-            "prompt_tokens": sum(len(p) for p in prompts),
-            "completion_tokens": generated,
-            "total_tokens": sum(len(p) for p in prompts) + generated,
-        },
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                  "total_tokens": prompt_tokens + generated},
         "tokens_per_s": generated / elapsed if elapsed > 0 else None,
     }
     if hasattr(engine.model, "forward_with_exits"):
+        exited = sum(c.exits for c in choices)
         end["early_exit"] = {
             "exit_layer": engine.model.exit_layer,
             "threshold": req.early_exit_threshold if req.early_exit_threshold is not None else engine.model.threshold,
             "tokens": generated,
-            "exited": sum(exits),
-            "exit_rate": sum(exits) / generated if generated else 0.0,
+            "exited": exited,
+            "exit_rate": exited / generated if generated else 0.0,
         }
     yield end
 
 
 async def held_until_finish(events):
-    """The events of a request that is not streamed, with each choice's text held on the model replica and sent in
-    one piece just before its 'finish': the completion then crosses to the gateway in a handful of messages instead
-    of one per token, which on a small machine leaves those cycles to decoding."""
-    held: dict[int, list[str]] = {}
+    """The events of a request that is not streamed, with each choice's text (and logprobs) held on the model
+    replica and sent in one piece just before its 'finish': the completion then crosses to the gateway in a handful
+    of messages instead of one per token, which on a small machine leaves those cycles to decoding."""
+    held: dict[int, list[dict]] = {}
     async for event in events:
         if event["event"] == "text":
-            held.setdefault(event["index"], []).append(event["text"])
+            held.setdefault(event["index"], []).append(event)
             continue
         if event["event"] == "finish" and event["index"] in held:
-            yield {"event": "text", "index": event["index"], "text": "".join(held.pop(event["index"]))}
+            yield _merged(held.pop(event["index"]))
         yield event
 
 
-async def collect_response(events, cid: str, model: str, n_choices: int) -> JSONResponse:
+def _merged(pieces: list[dict]) -> dict:
+    out = {"event": "text", "index": pieces[0]["index"], "text": "".join(p["text"] for p in pieces)}
+    blocks = [p["logprobs"] for p in pieces if "logprobs" in p]
+    if blocks:
+        out["logprobs"] = merge_logprobs(blocks)
+    return out
+
+
+async def collect_response(events, cid: str, model: str, n_choices: int, logprobs: bool = False) -> JSONResponse:
     """A whole (non-streamed) OpenAI completion response from the model events."""
-    texts, reasons = [""] * n_choices, ["length"] * n_choices
+    texts: list[list[str]] = [[] for _ in range(n_choices)]
+    blocks: list[list[dict]] = [[] for _ in range(n_choices)]
+    finish = [{"finish_reason": "length", "stop_reason": None} for _ in range(n_choices)]
     async for event in _guarded(events):
         kind = event["event"]
         if kind == "text":
-            texts[event["index"]] += event["text"]
+            texts[event["index"]].append(event["text"])
+            if "logprobs" in event:
+                blocks[event["index"]].append(event["logprobs"])
         elif kind == "finish":
-            reasons[event["index"]] = event["reason"]
+            finish[event["index"]] = {"finish_reason": event["reason"], "stop_reason": event.get("stop_reason")}
         elif kind == "error":
             return JSONResponse(APIError(event["status"], event["message"]).body(), status_code=event["status"])
         elif kind == "end":
+            choices = [
+                {"text": "".join(t), "logprobs": merge_logprobs(b) if logprobs else None, **f}
+                for t, b, f in zip(texts, blocks, finish)
+            ]
             extra = {k: event[k] for k in ("early_exit",) if k in event}
-            return JSONResponse(response(cid, model, texts, reasons, event["usage"], extra))
+            return JSONResponse(response(cid, model, choices, event["usage"], extra))
     return JSONResponse(APIError(500, "the model stream ended early").body(), status_code=500)
 
 
@@ -151,9 +256,10 @@ async def sse_stream(events, cid: str, model: str, include_usage: bool):
         async for event in _guarded(events):
             kind = event["event"]
             if kind == "text":
-                yield line(chunk(cid, created, model, event["index"], event["text"], None))
+                yield line(chunk(cid, created, model, event["index"], event["text"], None, event.get("logprobs")))
             elif kind == "finish":
-                yield line(chunk(cid, created, model, event["index"], "", event["reason"]))
+                yield line(chunk(cid, created, model, event["index"], "", event["reason"],
+                                 stop_reason=event.get("stop_reason")))
             elif kind == "error":
                 yield line(APIError(event["status"], event["message"]).body())
                 break

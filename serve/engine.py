@@ -1,12 +1,19 @@
 """Continuous batching: concurrent requests to one model decoded together over one KV cache.
 
-Decoding a 124M model at batch 1 is bound by memory bandwidth (every token reads all ~500 MB of weights), so one
-forward pass over 8 rows costs little more than over 1. The engine keeps a fixed set of cache rows ("slots"); a
-request joins at a token boundary by prefilling its prompt into a free slot, then advances one token per decoding
-step together with every other active request, and leaves (its slot freed) when it finishes or is cancelled.
+Decoding a 124M model at batch 1 is bound by memory bandwidth (every token reads all the weights), so one forward
+pass over 16 rows costs little more than over 1. The engine keeps a fixed set of cache rows; each step it
+1. admits waiting requests into free rows,
+2. prefills prompts: every prompt that is waiting goes into one left-padded pass (gpt2.kv_cache's ragged passes), and
+   a long prompt is cut into chunks so that no pass holds more than `prefill_tokens` token slots: decoding rows wait
+   for one chunk, never for a whole long prompt,
+3. decodes one token for every row whose prompt is in, in one pass, including the rows whose prompt just finished.
+Rows are kept packed: decoding rows first, then the rows being prefilled, so each pass runs on a contiguous block of
+cache rows with no idle rows in it; a finishing row's place is taken by the last row of its block (its cache row is
+copied, a few hundred kB).
 
-Each request samples with its own seeded generator (gpt2.generate.sample_token), so a seeded request produces the
-same tokens whether it runs alone or shares its steps with others.
+Sampling is batched (gpt2.sampling): each request has its own seeded generator, so a seeded request produces the
+same tokens whether it runs alone or shares its steps with others. A request may ask for log-probabilities of its
+tokens and of its prompt's tokens (the prompt's come from the same prefill pass, in the model's dtype's logits).
 
 The engine runs in one background thread; callers submit from any thread and receive events through a callback
 that is invoked on the engine thread (keep it cheap: hand the event to a queue).
@@ -25,7 +32,8 @@ from typing import Callable
 import torch
 
 from gpt2.config import EOT_TOKEN
-from gpt2.generate import SamplingParams, check_prompt, make_generator, sample_token
+from gpt2.generate import check_prompt
+from gpt2.sampling import MAX_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +42,30 @@ log = logging.getLogger(__name__)
 class Token:
     id: int
     exited: bool | None = None  # early-exit models: whether this token left the model at the exit block
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    stop: bool = False  # a stop token that ends the request: counted and scored, but not part of the text
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens, each given the tokens before it (None for the first token)."""
+
+    logprobs: list[float | None]
+    top: list[tuple[tuple[int, float], ...] | None]
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (end of text), "length" (max_tokens), "cancelled", or "error"
+    reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled", or "error"
     error: str | None = None
+    stop_token: int | None = None  # the stop_token_ids entry that ended it (None for end-of-text)
 
 
-Event = Token | Finished
+Event = Token | PromptLogprobs | Finished
 
 
 class EngineOverloaded(RuntimeError):
-    """More requests are waiting for a slot than the engine accepts; the caller should answer 503."""
+    """More requests are waiting for a row than the engine accepts; the caller should answer 503."""
 
 
 @dataclass(eq=False)
@@ -57,31 +76,49 @@ class Request:
     on_event: Callable[[Event], None]
     seed: int | None = None
     exit_threshold: float | None = None
+    logprobs: int | None = None  # per generated token: the chosen token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
     id: int = 0
-    generated: int = 0
     exited: int = 0
+    prefilled: int = 0  # prompt tokens already in the cache
+    row: int = -1
     next_token: int | None = None
     cancelled: bool = False
-    generator: torch.Generator | None = field(default=None, repr=False)
+    sampling: SequenceSampling | None = field(default=None, repr=False)
+    _prompt_lp: list = field(default_factory=list, repr=False)
+    _prompt_top: list = field(default_factory=list, repr=False)
+
+    @property
+    def generated(self) -> int:
+        return self.sampling.generated if self.sampling else 0
 
 
 class DecodeEngine:
     """Continuous-batching decoder for a GPT (or a model with the same forward signature, such as EarlyExitGPT).
 
     max_batch: cache rows, i.e. requests decoded together; more requests wait (up to max_pending) for a free row.
+    prefill_tokens: the most token slots (rows × padded width) one prefill pass takes.
     """
 
-    def __init__(self, model, *, max_batch: int = 16, max_pending: int = 64, name: str = "model") -> None:
-        if max_batch < 1 or max_pending < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_pending >= 0, got {max_batch} and {max_pending}")
+    def __init__(
+        self, model, *, max_batch: int = 16, max_pending: int = 64, prefill_tokens: int = 512, name: str = "model"
+    ) -> None:
+        if max_batch < 1 or max_pending < 0 or prefill_tokens < 1:
+            raise ValueError(
+                f"max_batch and prefill_tokens must be >= 1 and max_pending >= 0, got {max_batch}, {prefill_tokens}"
+                f" and {max_pending}"
+            )
         self.model = model.eval()
         self.config = model.config
         self.name = name
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.prefill_tokens = prefill_tokens
         self._device = next(model.parameters()).device
+        self._early_exit = hasattr(model, "forward_with_exits")
         self._cache = model.new_kv_cache(max_batch)
-        self._slots: list[Request | None] = [None] * max_batch
+        self._decoding: list[Request] = []  # rows [0, len)
+        self._prefilling: list[Request] = []  # the rows after them
         self._pending: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
@@ -105,16 +142,26 @@ class DecodeEngine:
         *,
         seed: int | None = None,
         exit_threshold: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Request:
-        """Queue a request; raises ValueError for a bad prompt and EngineOverloaded when the queue is full."""
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        """Queue a request; raises ValueError for a bad prompt and EngineOverloaded when the queue is full.
+
+        max_tokens 0 scores the prompt without generating (it needs prompt_logprobs).
+        """
+        if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {max_tokens}")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         prompt = check_prompt(prompt, self.config, max_tokens)
-        request = Request(prompt, max_tokens, params, on_event, seed, exit_threshold, id=next(self._ids))
+        request = Request(
+            prompt, max_tokens, params, on_event, seed, exit_threshold, logprobs, prompt_logprobs, id=next(self._ids)
+        )
         with self._wake:
             if self._closed:
                 raise RuntimeError(f"engine {self.name} is closed")
-            active = sum(r is not None for r in self._slots)
+            active = len(self._decoding) + len(self._prefilling)
             if active + len(self._pending) >= self.max_batch + self.max_pending:
                 raise EngineOverloaded(
                     f"model {self.name!r} is busy: {active} requests decoding and {len(self._pending)} waiting"
@@ -125,7 +172,7 @@ class DecodeEngine:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request at the next token boundary (its slot is freed; it gets Finished('cancelled'))."""
+        """Stop a request at the next token boundary (its row is freed; it gets Finished('cancelled'))."""
         request.cancelled = True
         with self._wake:
             self._wake.notify()
@@ -141,7 +188,7 @@ class DecodeEngine:
 
     def stats(self) -> dict:
         with self._wake:
-            active = sum(s is not None for s in self._slots)
+            active = len(self._decoding) + len(self._prefilling)
             pending = len(self._pending)
         c = self._counters
         return {
@@ -153,6 +200,8 @@ class DecodeEngine:
             "tokens_generated": c["tokens"],
             "decode_steps": c["steps"],
             "mean_batch": c["step_rows"] / c["steps"] if c["steps"] else 0.0,
+            "prefill_passes": c["prefill_passes"],
+            "prompt_tokens": c["prompt_tokens"],
             "uptime_s": time.monotonic() - self._started,
         }
 
@@ -170,27 +219,26 @@ class DecodeEngine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._closed and not self._pending and not any(self._slots):
+                    while not self._closed and not self._pending and not self._decoding and not self._prefilling:
                         self._wake.wait()
                     if self._closed:
                         break
-                    admitted = []
-                    while self._pending and len(admitted) < self._slots.count(None):
-                        admitted.append(self._pending.popleft())
+                    free = self.max_batch - len(self._decoding) - len(self._prefilling)
+                    admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
                 try:
                     for request in admitted:
                         self._admit(request)
                     self._drop_cancelled()
-                    if any(self._slots):
+                    if self._prefilling:
+                        self._prefill_step()
+                    if self._decoding:
                         self._decode_step()
                 except Exception as e:  # a failed pass must not leave callers waiting forever
                     log.exception("decoding step of %s failed", self.name)
-                    for slot, request in enumerate(self._slots):
-                        if request is not None:
-                            self._finish(slot, Finished("error", f"{type(e).__name__}: {e}"))
-        for slot, request in enumerate(self._slots):
-            if request is not None:
-                self._finish(slot, Finished("cancelled", "the engine was closed"))
+                    for request in [*self._decoding, *self._prefilling]:
+                        self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
+        for request in [*self._decoding, *self._prefilling]:
+            self._finish(request, Finished("cancelled", "the engine was closed"))
         for request in self._pending:
             self._emit(request, Finished("cancelled", "the engine was closed"))
 
@@ -199,66 +247,150 @@ class DecodeEngine:
             self._count_finished(Finished("cancelled"))
             self._emit(request, Finished("cancelled"))
             return
-        slot = self._slots.index(None)  # lowest free row keeps active rows packed at the front of the cache
-        self._slots[slot] = request
-        request.generator = make_generator(request.seed)
-        self._cache.reset_rows(slot)
-        prompt = torch.tensor([request.prompt], device=self._device)  # (1, T)
-        logits, exited = self._forward(prompt, self._cache.rows(slot), [request])
-        self._accept(slot, logits[0, -1], exited[0] if exited is not None else None)
+        request.sampling = SequenceSampling(request.params, request.prompt, request.seed, request.logprobs)
+        request.row = len(self._decoding) + len(self._prefilling)
+        self._cache.reset_rows(request.row)
+        self._prefilling.append(request)
 
     def _drop_cancelled(self) -> None:
-        for slot, request in enumerate(self._slots):
-            if request is not None and request.cancelled:
-                self._finish(slot, Finished("cancelled"))
+        for request in [r for r in (*self._decoding, *self._prefilling) if r.cancelled]:
+            self._finish(request, Finished("cancelled"))
+
+    def _prefill_step(self) -> None:
+        """One left-padded pass over the next chunk of the first prefilling rows (at most prefill_tokens slots)."""
+        # The pass is rows × width slots: the width is the longest remaining prompt (capped), and as many of the
+        # first rows as fit take a chunk of up to that width. Rows must be the first ones: passes run on a
+        # contiguous block of cache rows.
+        remaining = [len(r.prompt) - r.prefilled for r in self._prefilling]
+        cap = min(max(remaining), self.prefill_tokens)
+        count = max(1, self.prefill_tokens // cap)
+        batch = [(r, min(n, cap)) for r, n in zip(self._prefilling[:count], remaining)]
+        width = max(n for _, n in batch)
+        first = self._prefilling[0].row
+        idx = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)  # (R, W) left-padded
+        for r, (request, n) in enumerate(batch):
+            idx[r, width - n :] = torch.tensor(request.prompt[request.prefilled : request.prefilled + n])
+        new = torch.tensor([n for _, n in batch], device=self._device)
+        rows = [request for request, _ in batch]
+        scoring = any(r.prompt_logprobs is not None for r in rows)
+        cache = self._cache.rows(first, first + len(batch), new_tokens=new)
+        logits, exited = self._forward(idx.to(self._device), cache, rows, last_only=not scoring)  # (R, W or 1, V)
+        self._counters["prefill_passes"] += 1
+        self._counters["prompt_tokens"] += int(new.sum())
+
+        done = []
+        for r, (request, n) in enumerate(batch):
+            if request.prompt_logprobs is not None:
+                self._score_prompt_chunk(request, logits[r, width - n :])
+            request.prefilled += n
+            if request.prefilled == len(request.prompt):
+                done.append(r)
+        if not done:
+            return
+        for r in done:
+            if rows[r].prompt_logprobs is not None:
+                request = rows[r]
+                self._emit(request, PromptLogprobs(request._prompt_lp, request._prompt_top))
+        starting = [r for r in done if rows[r].max_tokens > 0]
+        for r in done:
+            if rows[r].max_tokens == 0:  # scored, nothing to generate
+                self._finish(rows[r], Finished("length"))
+        if starting:
+            last = logits[starting, -1]  # (S, V) the prompt's last position predicts the first new token
+            flags = exited[starting, -1].tolist() if exited is not None else [None] * len(starting)
+            self._sample_and_accept([rows[r] for r in starting], last, flags)
+        for request in [rows[r] for r in starting]:
+            if request.row >= 0 and request in self._prefilling:
+                self._promote(request)
+
+    def _score_prompt_chunk(self, request: Request, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that this chunk's positions (n, V) predict."""
+        start = request.prefilled
+        if start == 0:
+            request._prompt_lp.append(None)  # nothing predicts the first token
+            request._prompt_top.append(None)
+        targets = request.prompt[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (n', V)
+        target = torch.tensor(targets, device=lp.device)
+        request._prompt_lp.extend(lp.gather(1, target[:, None]).squeeze(1).tolist())
+        k = request.prompt_logprobs
+        if k:
+            values, ids = lp.topk(k, dim=-1)
+            request._prompt_top.extend(tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist()))
+        else:
+            request._prompt_top.extend(() for _ in targets)
 
     def _decode_step(self) -> None:
-        # Rows [0, hi) go through the model together; free rows inside that range decode a dummy token from a
-        # reset (empty) row, which is cheaper than compacting the cache and never visible to anyone.
-        hi = max(slot for slot, r in enumerate(self._slots) if r is not None) + 1
-        rows = self._slots[:hi]
-        for slot, request in enumerate(rows):
-            if request is None:
-                self._cache.reset_rows(slot)
-        feed = torch.tensor([[r.next_token if r else EOT_TOKEN] for r in rows], device=self._device)  # (hi, 1)
-        logits, exited = self._forward(feed, self._cache.rows(0, hi), rows)
+        rows = list(self._decoding)
+        feed = torch.tensor([[r.next_token] for r in rows], device=self._device)  # (B, 1)
+        logits, exited = self._forward(feed, self._cache.rows(0, len(rows)), rows, last_only=True)  # (B, 1, V)
         self._counters["steps"] += 1
-        self._counters["step_rows"] += sum(r is not None for r in rows)
-        for slot, request in enumerate(rows):
-            if request is not None:
-                self._accept(slot, logits[slot, -1], exited[slot] if exited is not None else None)
+        self._counters["step_rows"] += len(rows)
+        flags = exited[:, -1].tolist() if exited is not None else [None] * len(rows)
+        self._sample_and_accept(rows, logits[:, -1], flags)
 
-    def _forward(self, idx: torch.Tensor, cache, rows: list[Request | None]):
-        """Logits (B, 1, V) of the last position, and per-row exit flags for early-exit models (else None)."""
-        if hasattr(self.model, "forward_with_exits"):
-            # Per-row thresholds; free rows never exit early (their output is discarded anyway).
+    def _forward(self, idx: torch.Tensor, cache, rows: list[Request], last_only: bool):
+        """Logits (B, T', V), and the per-position exit decisions (B, T) of early-exit models (else None)."""
+        if self._early_exit:
             default = float(getattr(self.model, "threshold", 1.0))
             thresholds = torch.tensor(
-                [default if r is None or r.exit_threshold is None else r.exit_threshold for r in rows],
-                device=self._device,
+                [default if r.exit_threshold is None else r.exit_threshold for r in rows], device=self._device
             )
-            logits, exited = self.model.forward_with_exits(idx, kv_cache=cache, last_only=True, threshold=thresholds)
-            return logits, exited[:, -1].tolist()  # decision for the position whose token we sample
-        logits, _ = self.model(idx, kv_cache=cache, last_only=True)
+            return self.model.forward_with_exits(idx, kv_cache=cache, last_only=last_only, threshold=thresholds)
+        logits, _ = self.model(idx, kv_cache=cache, last_only=last_only)
         return logits, None
 
-    def _accept(self, slot: int, logits: torch.Tensor, exited: bool | None) -> None:
-        request = self._slots[slot]
-        token = sample_token(logits, request.params, request.generator)
-        if token == EOT_TOKEN:
-            self._finish(slot, Finished("stop"))
-            return
-        request.generated += 1
-        request.exited += bool(exited)
-        request.next_token = token
-        self._counters["tokens"] += 1
-        self._emit(request, Token(token, exited))
-        if request.generated >= request.max_tokens:
-            self._finish(slot, Finished("length"))
+    def _sample_and_accept(self, rows: list[Request], logits: torch.Tensor, exited: list) -> None:
+        tokens, logprobs = choose(logits, [r.sampling for r in rows])
+        for request, token, lp, flag in zip(rows, tokens, logprobs, exited):
+            if token in request.params.stop_tokens:
+                self._counters["tokens"] += 1
+                self._emit(request, Token(token, flag, lp, stop=True))
+                self._finish(request, Finished("stop", stop_token=None if token == EOT_TOKEN else token))
+                continue
+            request.sampling.record(token)
+            request.exited += bool(flag)
+            request.next_token = token
+            self._counters["tokens"] += 1
+            self._emit(request, Token(token, flag, lp))
+            if request.generated >= request.max_tokens:
+                self._finish(request, Finished("length"))
 
-    def _finish(self, slot: int, event: Finished) -> None:
-        request = self._slots[slot]
-        self._slots[slot] = None
+    # ---- rows: decoding rows first, then prefilling rows, no gaps ----
+
+    def _promote(self, request: Request) -> None:
+        """A prefilling row whose prompt is in becomes the last decoding row."""
+        head = self._prefilling[0]
+        if head is not request:  # take the first prefilling row's place, which is right after the decoding rows
+            self._cache.swap_rows(head.row, request.row)
+            i = self._prefilling.index(request)
+            head.row, request.row = request.row, head.row
+            self._prefilling[0], self._prefilling[i] = request, head
+        self._prefilling.pop(0)
+        self._decoding.append(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a request's row, moving the last row of its block into it so the blocks stay packed."""
+        if request.row < 0:
+            return
+        block = self._decoding if request.row < len(self._decoding) else self._prefilling
+        last = block.pop()
+        if last is not request:
+            self._cache.move_row(last.row, request.row)
+            last.row = request.row
+            block[block.index(request)] = last
+        if block is self._decoding and self._prefilling:  # the prefilling block moves down by one row
+            tail = self._prefilling.pop()
+            if tail.row != len(self._decoding):
+                self._cache.move_row(tail.row, len(self._decoding))
+                tail.row = len(self._decoding)
+            self._prefilling.insert(0, tail)
+        request.row = -1
+
+    def _finish(self, request: Request, event: Finished) -> None:
+        self._release(request)
         self._count_finished(event)
         self._emit(request, event)
 

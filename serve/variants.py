@@ -15,7 +15,7 @@ Ray job whatever their working directory.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +41,6 @@ class VariantSpec:
         local = PROJECT_ROOT / self.source
         # A bare hub name ("gpt2") is not a project path; it resolves through the Hugging Face cache.
         return str(local) if local.exists() or "/" in self.source else self.source
-
-    def public(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
 def parse_variants(raw: dict) -> dict[str, VariantSpec]:

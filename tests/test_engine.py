@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import torch
 from gpt2 import EOT_TOKEN, GPT, preset
 from gpt2.generate import SamplingParams, generate
 from gpt2.tokenizer import get_tokenizer
-from serve.engine import DecodeEngine, EngineOverloaded, Finished, Token
-from serve.protocol import APIError, CompletionRequest, Limits, StopText, check_request
+from serve.engine import DecodeEngine, EngineOverloaded, Finished, PromptLogprobs, Token
+from serve.protocol import APIError, CompletionRequest, Limits, StopMatcher, StopText, check_request
 
 
 class Collector:
@@ -20,12 +21,20 @@ class Collector:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
+        self.logprobs: list = []
+        self.prompt: PromptLogprobs | None = None
+        self.stop_token: Token | None = None  # the token that ended the request, when one did
         self.finished: Finished | None = None
         self.done = threading.Event()
 
     def __call__(self, event) -> None:
-        if isinstance(event, Token):
+        if isinstance(event, Token) and event.stop:
+            self.stop_token = event
+        elif isinstance(event, Token):
             self.tokens.append(event.id)
+            self.logprobs.append(event.logprobs)
+        elif isinstance(event, PromptLogprobs):
+            self.prompt = event
         else:
             self.finished = event
             self.done.set()
@@ -85,7 +94,7 @@ def test_end_of_text_finishes_with_stop(model):
     try:
         c = Collector()
         e.submit([1, 2], 10, SamplingParams(temperature=0), c)
-        assert c.wait().tokens == [] and c.finished.reason == "stop"
+        assert c.wait().tokens == [] and c.finished.reason == "stop" and c.stop_token.id == EOT_TOKEN
     finally:
         e.close()
 
@@ -128,38 +137,172 @@ def test_overload_and_bad_requests(model):
         with pytest.raises(ValueError, match="context"):
             e.submit([1] * 100, 50, SamplingParams(), lambda ev: None)
         with pytest.raises(ValueError, match="max_tokens"):
-            e.submit([1], 0, SamplingParams(), lambda ev: None)
+            e.submit([1], 0, SamplingParams(), lambda ev: None)  # 0 only scores a prompt
+        with pytest.raises(ValueError, match="logprobs"):
+            e.submit([1], 1, SamplingParams(), lambda ev: None, logprobs=21)
         with pytest.raises(ValueError, match="empty"):
             e.submit([], 3, SamplingParams(), lambda ev: None)
     finally:
         e.close()
 
 
-def test_stop_strings_split_across_tokens_are_found():
+def _stopped_text(text: str, stops: list[str], include: bool = False) -> tuple[str, str | None]:
     enc = get_tokenizer()
+    stop = StopText(StopMatcher(stops), include)
+    return "".join(stop.push(t) for t in enc.encode(text)) + stop.flush(), stop.stopped
+
+
+def test_stop_strings_split_across_tokens_are_found():
     text = "alpha beta\n\ngamma delta"
-    stop = StopText(["\n\ngam"])
-    out = "".join(stop.push(t) for t in enc.encode(text)) + stop.flush()
-    assert out == "alpha beta" and stop.stopped
-    plain = StopText(["zzz"])
-    assert "".join(plain.push(t) for t in enc.encode(text)) + plain.flush() == text
+    assert _stopped_text(text, ["\n\ngam"]) == ("alpha beta", "\n\ngam")
+    assert _stopped_text(text, ["\n\ngam"], include=True) == ("alpha beta\n\ngam", "\n\ngam")
+    assert _stopped_text(text, ["zzz"]) == (text, None)
+    # The first stop string to end wins; prefixes that repeat themselves (aab in aaab) are still found.
+    assert _stopped_text("xx aaab yy", ["aab", "yy"]) == ("xx a", "aab")
+    assert _stopped_text("one two three", ["three", "two"]) == ("one ", "two")
+
+
+def test_stop_strings_are_matched_in_linear_time():
+    """Four 120,000-character stop strings that the text keeps almost matching: the naive check re-searched the
+    held text for every prefix of every stop string at every token (minutes); this takes well under a second."""
+    import time
+
+    stops = ["a" * 119_999 + c for c in "bcde"]
+    t0 = time.perf_counter()
+    out, stopped = _stopped_text("a" * 3000 + " tail", stops)
+    assert out == "a" * 3000 + " tail" and stopped is None
+    assert time.perf_counter() - t0 < 10  # a generous bound: the quadratic check took over a minute
 
 
 def test_request_schema_and_limits():
     ok = CompletionRequest(model="m", prompt=["a", "b"], n=2, stop="x")
     assert ok.prompts() == ["a", "b"] and ok.stops() == ["x"]
     assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
-    for bad in ({"model": "m", "prompt": "a", "max_tokens": "5"}, {"model": "m", "prompt": "a", "max_tokens": 0},
+    for bad in ({"model": "m", "prompt": "a", "max_tokens": "5"}, {"model": "m", "prompt": "a", "max_tokens": -1},
                 {"model": "m", "prompt": "a", "temperature": 3}, {"model": "m", "prompt": 5},
-                {"model": "m", "prompt": "a", "surprise": 1}):
+                {"model": "m", "prompt": "a", "logprobs": 6}, {"model": "m", "prompt": "a", "presence_penalty": 3},
+                {"model": "m", "prompt": "a", "repetition_penalty": 0}, {"model": "m", "prompt": "a", "ignore_eos": 1},
+                {"model": "m", "prompt": "a", "stop_token_ids": [-1]}, {"model": "m", "prompt": "a", "min_tokens": -1},
+                {"model": "m", "prompt": "a", "logit_bias": {"5": "x"}}):
         with pytest.raises(ValueError):
             CompletionRequest(**bad)
-    limits = Limits(max_n=2, max_prompts=2, max_choices=3)
+    # Fields other servers define are accepted and reported as ignored; vLLM's neutral values are accepted.
+    vllm = CompletionRequest(model="m", prompt="a", surprise=1, min_p=0.0, top_k=-1, best_of=1, repetition_penalty=1.0)
+    assert vllm.ignored_fields() == ["min_p", "surprise"] and vllm.sampling_params().top_k is None
+    limits = Limits(max_n=2, max_prompts=2, max_choices=3, max_stop_chars=10)
     for bad, param in ((dict(prompt="", n=1), "prompt"), (dict(prompt="a", n=3), "n"), (dict(prompt=["a", "b"], n=2), "n"),
-                       (dict(prompt="a", echo=True), "echo"), (dict(prompt=["a", "b", "c"]), "prompt")):
+                       (dict(prompt="a", suffix="b"), "suffix"), (dict(prompt=["a", "b", "c"]), "prompt"),
+                       (dict(prompt="a", best_of=2), "best_of"), (dict(prompt="a", max_tokens=0), "max_tokens"),
+                       (dict(prompt="a", max_tokens=3, min_tokens=4), "min_tokens"),
+                       (dict(prompt="a", stop=["x" * 11]), "stop"), (dict(prompt="a", stop_token_ids=[50257]), "stop_token_ids"),
+                       (dict(prompt="a", logit_bias={"abc": 1}), "logit_bias"),
+                       (dict(prompt="a", logit_bias={"50257": 1}), "logit_bias"),
+                       (dict(prompt="a", logit_bias={"5": 101}), "logit_bias")):
         with pytest.raises(APIError) as e:
             check_request(CompletionRequest(model="m", **bad), limits)
-        assert e.value.status == 400 and e.value.param == param
+        assert e.value.status == 400 and e.value.param == param, (bad, e.value.message)
+
+
+def test_prompt_logprobs_equal_in_process_scoring(model, engine):
+    """Scoring a prompt (max_tokens 0) gives each token's log-probability given the ones before it, as
+    gpt2.loglikelihood computes them, from the engine's prefill pass; with chunked prefill too."""
+    from gpt2.loglikelihood import row_logprobs
+
+    prompt = PROMPTS[2] * 3  # 21 tokens
+    chunked = DecodeEngine(model, max_batch=2, prefill_tokens=8)
+    try:
+        for e in (engine, chunked):
+            c = Collector()
+            e.submit(prompt, 0, SamplingParams(temperature=0), c, prompt_logprobs=3)
+            c.wait()
+            assert c.tokens == [] and c.finished.reason == "length"
+            lp = c.prompt.logprobs
+            assert lp[0] is None and len(lp) == len(prompt)
+            for k in (1, 7, len(prompt) - 1):  # each position's score, one row per prefix
+                expected = row_logprobs(model, [prompt[: k + 1]], [k])[0]
+                assert lp[k] == pytest.approx(expected, abs=1e-4)
+            top = c.prompt.top[5]
+            assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] and top[0][1] >= lp[5]
+    finally:
+        chunked.close()
+
+
+def test_generated_token_logprobs_are_the_models(model, engine):
+    c = Collector()
+    engine.submit(PROMPTS[0], 5, SamplingParams(temperature=0), c, logprobs=2)
+    c.wait()
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([PROMPTS[0]]))
+    expected = torch.log_softmax(logits[0, -1].float(), dim=-1)
+    first = c.logprobs[0]
+    assert first.logprob == pytest.approx(float(expected.max()), abs=1e-5)  # greedy: the chosen token is the best
+    assert [t for t, _ in first.top] == expected.topk(2).indices.tolist()
+
+
+def test_long_prompts_are_prefilled_in_chunks_while_others_decode(model):
+    """A prompt longer than the prefill budget goes in over several passes; every request still equals its own
+    generation, and short requests keep decoding meanwhile."""
+    e = DecodeEngine(model, max_batch=4, prefill_tokens=16)
+    try:
+        long_prompt = (PROMPTS[2] * 12)[:80]
+        jobs = []
+        for prompt in (PROMPTS[0], long_prompt, PROMPTS[1], long_prompt[:40]):
+            c = Collector()
+            e.submit(prompt, 12, SamplingParams(temperature=0), c)
+            jobs.append((prompt, c))
+        for prompt, c in jobs:
+            assert c.wait().tokens == generate(model, prompt, 12, temperature=0)[0]
+        assert e.stats()["prefill_passes"] >= 5  # the 80-token prompt alone needs 5 passes of 16
+    finally:
+        e.close()
+
+
+def test_sampling_controls_in_the_batched_engine(model, engine):
+    tok = 1000
+    forced = Collector()  # a +100 bias makes a token certain, even when sampling
+    engine.submit(PROMPTS[0], 6, SamplingParams(temperature=1.0, logit_bias=((tok, 100.0),)), forced, seed=1)
+    plain = Collector()
+    engine.submit(PROMPTS[0], 6, SamplingParams(temperature=0), plain)
+    assert forced.wait().tokens == [tok] * 6 and plain.wait().tokens != [tok] * 6
+    # A +3 bias makes greedy decoding repeat a token; presence and frequency penalties of 2 take 4 off it once it
+    # was generated, so it comes only once; each penalty alone takes 2 off, which still leaves it first here.
+    counts = []
+    for presence, frequency in ((0, 0), (2.0, 2.0), (2.0, 0), (0, 2.0)):
+        c = Collector()
+        engine.submit(PROMPTS[0], 6, SamplingParams(temperature=0, logit_bias=((tok, 3.0),), presence_penalty=presence,
+                                                     frequency_penalty=frequency), c)
+        counts.append(c.wait().tokens.count(tok))
+    assert counts[:2] == [6, 1] and counts[2] == 6 and counts[3] < 6  # frequency grows with each repeat
+    rep = Collector()
+    engine.submit(PROMPTS[0], 20, SamplingParams(temperature=0, repetition_penalty=1e6), rep)
+    rep_tokens = rep.wait().tokens  # each token seen once is pushed far down: no repeats, nothing from the prompt
+    assert len(set(rep_tokens)) == len(rep_tokens) and not set(rep_tokens) & set(PROMPTS[0])
+    # stop_token_ids end a request (the token is not emitted); min_tokens bans them until enough were generated.
+    # (The repetition-penalised greedy sequence above has no repeats, so its 4th token first appears at step 4.)
+    first, params = rep_tokens[3], dict(temperature=0, repetition_penalty=1e6)
+    stop = Collector()
+    engine.submit(PROMPTS[0], 6, SamplingParams(**params, stop_token_ids=(first,)), stop)
+    assert stop.wait().tokens == rep_tokens[:3] and stop.finished.stop_token == first
+    late = Collector()
+    engine.submit(PROMPTS[0], 6, SamplingParams(**params, stop_token_ids=(first,), min_tokens=6), late)
+    assert len(late.wait().tokens) == 6 and first not in late.tokens
+
+
+def test_ignore_eos_keeps_generating_through_end_of_text():
+    m = GPT(preset("tiny")).eval()
+    with torch.no_grad():
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(m.transformer.wte.weight[EOT_TOKEN] * 10)
+    e = DecodeEngine(m, max_batch=2)
+    try:
+        c = Collector()
+        e.submit([1, 2], 4, SamplingParams(temperature=0, ignore_eos=True), c)
+        assert c.wait().tokens == [EOT_TOKEN] * 4 and c.finished.reason == "length"
+        c = Collector()
+        e.submit([1, 2], 4, SamplingParams(temperature=0, min_tokens=2), c)
+        assert len(c.wait().tokens) == 2 and EOT_TOKEN not in c.tokens and c.finished.reason == "stop"
+    finally:
+        e.close()
 
 
 def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
@@ -183,3 +326,31 @@ def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
         {"event": "text", "index": 1, "text": "A"}, {"event": "finish", "index": 1, "reason": "stop"},
         {"event": "end", "usage": {}},
     ]
+
+
+def test_a_request_past_its_deadline_ends_with_length_and_frees_its_rows(model):
+    """request_timeout_s: what the request has when its time is up is its answer; its rows go back to the engine."""
+    import asyncio
+
+    from serve.completions import run_completion
+
+    e = DecodeEngine(model, max_batch=2)
+    try:
+        slow = CompletionRequest(model="m", prompt=[1, 2, 3], max_tokens=100, temperature=0, ignore_eos=True, n=2)
+
+        async def run():
+            events = []
+            async for event in run_completion(e, slow, Limits(request_timeout_s=0.0)):
+                events.append(event)
+            return events
+
+        events = asyncio.run(run())
+        finishes = [ev for ev in events if ev["event"] == "finish"]
+        assert [f["reason"] for f in finishes] == ["length", "length"] and events[-1]["event"] == "end"
+        assert events[-1]["usage"]["completion_tokens"] < 200
+        deadline = time.monotonic() + 10
+        while e.stats()["active"]:
+            assert time.monotonic() < deadline, "the rows of the timed-out request were not freed"
+            time.sleep(0.05)
+    finally:
+        e.close()

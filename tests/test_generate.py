@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gpt2 import EOT_TOKEN, GPT, preset
-from gpt2.generate import SamplingParams, sample_token
+from gpt2.sampling import SamplingParams, SequenceSampling, choose
 
 
 def _greedy_full_recompute(model, prompt, n):
@@ -60,13 +60,18 @@ def test_stops_at_end_of_text():
 
 def test_top_k_and_top_p_restrict_the_choice():
     logits = torch.tensor([5.0, 4.0, 3.0, -10.0, -10.0])
-    g = torch.Generator().manual_seed(0)
-    assert {sample_token(logits, SamplingParams(1.0, top_k=2), g) for _ in range(200)} == {0, 1}
+
+    def draws(params: SamplingParams, n: int) -> set[int]:
+        # n rows of one batch, each with its own generator: every row is an independent draw
+        rows = [SequenceSampling(params, seed=i) for i in range(n)]
+        return set(choose(logits.expand(n, -1), rows)[0])
+
+    assert draws(SamplingParams(1.0, top_k=2), 200) == {0, 1}
     # Probabilities ≈ 0.665, 0.245, 0.090: the nucleus is {0} for p=0.5, {0, 1} for 0.9, {0, 1, 2} for 0.95.
-    assert {sample_token(logits, SamplingParams(1.0, top_p=0.5), g) for _ in range(200)} == {0}
-    assert {sample_token(logits, SamplingParams(1.0, top_p=0.9), g) for _ in range(300)} == {0, 1}
-    assert {sample_token(logits, SamplingParams(1.0, top_p=0.95), g) for _ in range(300)} == {0, 1, 2}
-    assert sample_token(logits, SamplingParams(0.0)) == 0
+    assert draws(SamplingParams(1.0, top_p=0.5), 200) == {0}
+    assert draws(SamplingParams(1.0, top_p=0.9), 300) == {0, 1}
+    assert draws(SamplingParams(1.0, top_p=0.95), 300) == {0, 1, 2}
+    assert choose(logits[None], [SequenceSampling(SamplingParams(0.0))])[0] == [0]
 
 
 def test_bad_inputs_raise_clear_errors(tiny_model):

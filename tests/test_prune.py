@@ -66,7 +66,7 @@ def test_bad_head_counts_are_named(bad):
 def test_kv_cache_and_flops_follow_the_head_counts():
     pruned = prune_heads(_model(), {0: [0, 1, 2]})
     cache = pruned.new_kv_cache(2, 32)
-    assert [k.shape for k in cache.k] == [(2, 1, 32, HS), (2, 4, 32, HS)]
+    assert [k.shape for k in cache.k] == [(2, 1, 33, HS), (2, 4, 33, HS)]  # 32 positions and the scratch slot
     with pytest.raises(ValueError, match="3 per-layer entries for 2 layers"):
         KVCache(2, 1, [1, 2, 3], 8, HS)
     assert pruned.flops_per_token(128) == 6 * pruned.num_params() + 12 * (1 + 4) * HS * 128

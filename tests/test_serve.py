@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     variants["nf4"] = {"source": variants["pretrained"], "quantize": "nf4"}
     variants["early-exit"] = _early_exit_copy(variants["pretrained"], root / "early-exit")
     settings = {"variants": variants, "max_batch": 4, "max_pending": 32, "torch_threads": 1,
-                "model_replica_cpus": 0.5, "limits": {"max_n": 4, "max_body_bytes": 20_000}}
+                "model_replica_cpus": 0.5, "limits": {"max_n": 8, "max_body_bytes": 1_000_000}}
     base = deploy(settings, port=free_port(), name="gpt2-test", timeout=120)
     yield {"base": base, "variants": variants, "root": root, "port": int(base.rsplit(":", 1)[1])}
     ray_serve.shutdown()
@@ -116,6 +116,115 @@ def test_openai_client(server):
         assert out.usage.completion_tokens <= 5 and out.model == quantized
 
 
+def test_openai_client_logprobs_echo_and_prompt_scoring(server):
+    from openai import OpenAI
+
+    from gpt2.tokenizer import get_tokenizer
+
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key="unused", max_retries=0)
+    prompt = "The quick brown fox"
+    n_prompt = len(get_tokenizer().encode(prompt))
+    out = client.completions.create(model="pretrained", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and out.usage.completion_tokens == 3
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_prompt + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert "".join(lp.tokens) == choice.text and all(x <= 0 for x in lp.token_logprobs[1:])
+    for token, value, top in zip(lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:], lp.top_logprobs[n_prompt:]):
+        assert value == max(top.values()) and top[token] == value  # greedy: the chosen token is the best
+        assert 2 <= len(top) <= 3
+
+    # max_tokens 0 with echo scores the prompt alone, with the same numbers as the prompt part above.
+    scored = client.completions.create(model="pretrained", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n_prompt], abs=1e-5)
+    assert scored.choices[0].finish_reason == "length"
+
+    # Streamed: every chunk that carries text carries the logprobs of its tokens; together they equal the above.
+    streamed = client.completions.create(model="pretrained", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                         logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    values = [x for piece in streamed for c in piece.choices if c.logprobs for x in c.logprobs.token_logprobs]
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-5, nan_ok=True)
+
+
+def test_sampling_controls_through_the_openai_client(server):
+    from openai import OpenAI
+
+    from gpt2.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key="unused", max_retries=0)
+    forced = client.completions.create(model="pretrained", prompt="Hello", max_tokens=4, temperature=1.0, seed=1,
+                                       logit_bias={"1000": 100})
+    assert forced.choices[0].text == enc.decode([1000] * 4)  # +100 forces that token even when sampling
+    # vLLM's extra fields, with neutral and real values, as clients written for vLLM send them.
+    neutral = dict(repetition_penalty=1.0, ignore_eos=False, min_tokens=0, stop_token_ids=[], top_k=-1)
+    base = client.completions.create(model="pretrained", prompt="Hello", max_tokens=8, temperature=0)
+    same = client.completions.create(model="pretrained", prompt="Hello", max_tokens=8, temperature=0, best_of=1,
+                                     presence_penalty=0, frequency_penalty=0, extra_body=neutral)
+    assert same.choices[0].text == base.choices[0].text
+    penalised = client.completions.create(model="pretrained", prompt="Hello", max_tokens=8, temperature=0,
+                                          presence_penalty=2, frequency_penalty=2,
+                                          extra_body={"repetition_penalty": 1.5, "min_tokens": 8, "ignore_eos": True})
+    assert penalised.usage.completion_tokens == 8
+    tokens = enc.encode(base.choices[0].text)
+    if len(tokens) >= 3 and tokens[2] not in tokens[:2]:  # a token that first appears third ends it there
+        stopped = client.completions.create(model="pretrained", prompt="Hello", max_tokens=8, temperature=0,
+                                            extra_body={"stop_token_ids": [tokens[2]]})
+        assert stopped.choices[0].text == enc.decode(tokens[:2]) and stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].model_extra["stop_reason"] == tokens[2]
+
+
+def test_stop_reason_and_stop_string_in_output(server):
+    free = post(server, {"model": "pretrained", "prompt": "a", "max_tokens": 30, "temperature": 0,
+                         "ignore_eos": True}).json()
+    text = free["choices"][0]["text"]
+    stop = text[3:5]
+    body = {"model": "pretrained", "prompt": "a", "max_tokens": 30, "temperature": 0, "stop": [stop],
+            "ignore_eos": True}
+    cut = post(server, body).json()["choices"][0]
+    assert cut["text"] == text[: text.index(stop)] and cut["stop_reason"] == stop and cut["finish_reason"] == "stop"
+    kept = post(server, {**body, "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept["text"] == text[: text.index(stop) + len(stop)]
+    assert free["choices"][0]["stop_reason"] is None and free["choices"][0]["finish_reason"] == "length"
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(server):
+    r = post(server, {"model": "pretrained", "prompt": "Hi", "max_tokens": 2, "min_p": 0.0, "guided_json": None,
+                      "frobnicate": 3})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Ignored-Fields"] == "frobnicate, guided_json, min_p"
+    assert "X-Ignored-Fields" not in post(server, {"model": "pretrained", "prompt": "Hi", "max_tokens": 2}).headers
+
+
+def test_long_stop_strings_do_not_stall_the_server(server):
+    """Four 120,000-character stop strings (a 480 kB body), n=8, 32 tokens: matching them used to cost the square of
+    their length per token and held the replica for over a minute; an unrelated short request must not wait."""
+    stops = ["the" * 40_000, " a" * 60_000, "\n" * 120_000, "xyz" * 40_000]
+    heavy = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 32, "n": 8, "stop": stops,
+             "temperature": 1.0, "seed": 0}
+    short = {"model": "finetuned", "prompt": "Hi", "max_tokens": 8, "temperature": 0}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120) as client:
+            t0 = time.perf_counter()
+            heavy_task = asyncio.create_task(client.post(f"{server['base']}/v1/completions", json=heavy))
+            await asyncio.sleep(0.3)  # the heavy request is in
+            t1 = time.perf_counter()
+            r_short = await client.post(f"{server['base']}/v1/completions", json=short)
+            short_s = time.perf_counter() - t1
+            r_heavy = await heavy_task
+            return r_heavy, time.perf_counter() - t0, r_short, short_s
+
+    r_heavy, heavy_s, r_short, short_s = asyncio.run(both())
+    assert r_heavy.status_code == 200 and r_short.status_code == 200, (r_heavy.text[:500], r_short.text[:500])
+    assert len(r_heavy.json()["choices"]) == 8
+    print(f"long stop strings: heavy request {heavy_s:.2f} s, concurrent short request {short_s:.2f} s")
+    assert heavy_s < 30 and short_s < 5  # generous bounds; before the fix both took 66-72 s
+
+
 def test_early_exit_variant_reports_exits(server):
     body = {"prompt": "The cat sat", "max_tokens": 10, "temperature": 0}
     base = post(server, {**body, "model": "pretrained"}).json()
@@ -145,13 +254,30 @@ def test_stop_strings_and_usage(server):
         ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
         ({"model": "pretrained", "prompt": "x", "max_tokens": "3"}, 422, "max_tokens"),
         ({"model": "pretrained", "prompt": 7}, 422, "prompt"),
-        ({"model": "pretrained", "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+        ({"model": "pretrained", "prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
         ({"model": "pretrained", "prompt": "x", "max_tokens": 500}, 400, "context"),
         ({"model": "pretrained", "prompt": "word " * 200, "max_tokens": 5}, 400, "context"),
         ({"model": "pretrained", "prompt": ""}, 400, "empty"),
         ({"model": "pretrained", "prompt": "x", "n": 9}, 400, "limit"),
-        ({"model": "pretrained", "prompt": "x", "logprobs": 2}, 400, "not supported"),
-        ({"model": "pretrained", "prompt": "x" * 30_000}, 413, "exceeds"),
+        ({"model": "pretrained", "prompt": "x", "stop": ["y" * 600_000]}, 400, "stop"),
+        ({"model": "pretrained", "prompt": "x", "suffix": "y"}, 400, "not supported"),
+        ({"model": "pretrained", "prompt": "x", "logprobs": 6}, 422, "logprobs"),
+        ({"model": "pretrained", "prompt": "x", "logprobs": -1}, 422, "logprobs"),
+        ({"model": "pretrained", "prompt": "x", "echo": "yes"}, 422, "echo"),
+        ({"model": "pretrained", "prompt": "x", "max_tokens": 0}, 400, "echo"),
+        ({"model": "pretrained", "prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
+        ({"model": "pretrained", "prompt": "x", "frequency_penalty": "1"}, 422, "frequency_penalty"),
+        ({"model": "pretrained", "prompt": "x", "repetition_penalty": 0}, 422, "repetition_penalty"),
+        ({"model": "pretrained", "prompt": "x", "logit_bias": {"x1": 5}}, 400, "logit_bias"),
+        ({"model": "pretrained", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({"model": "pretrained", "prompt": "x", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
+        ({"model": "pretrained", "prompt": "x", "ignore_eos": "true"}, 422, "ignore_eos"),
+        ({"model": "pretrained", "prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
+        ({"model": "pretrained", "prompt": "x", "stop_token_ids": "5"}, 422, "stop_token_ids"),
+        ({"model": "pretrained", "prompt": "x", "include_stop_str_in_output": 1}, 422, "include_stop_str_in_output"),
+        ({"model": "pretrained", "prompt": "x", "best_of": 3}, 400, "best_of"),
+        ({"model": "pretrained", "prompt": "x", "top_k": -2}, 422, "top_k"),
+        ({"model": "pretrained", "prompt": "x" * 1_100_000}, 413, "exceeds"),
     ],
 )
 def test_bad_requests_get_clear_errors(server, body, status, fragment):
