@@ -117,10 +117,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v (B, nh, T, hs); return all keys, values (B, nh, used, hs) and the mask."""
-        B, nh, T, hs = k.shape
-        index = self._positions[:, None, :, None].expand(B, nh, T, hs)
-        self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
+        # An indexed write, not scatter_: on CPU, scatter_ into a bf16 cache costs ~40 ms per call at 16 rows × 1,024
+        # positions (it works over the whole cache), the indexed write ~0.05 ms; a decoding step makes two per layer.
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        # Advanced indices around a slice put the indexed dims first: the target is (B, T, nh, hs).
+        self.k[layer][rows, :, self._positions] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, self._positions] = v.transpose(1, 2).to(self.v[layer].dtype)
         return self.k[layer][:, :, : self._used], self.v[layer][:, :, : self._used], self._mask
 
     def store_rows(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
