@@ -1,23 +1,38 @@
-"""Serving throughput and latency through Ray Serve + HTTP, side by side with in-process generation, in one run.
+"""Serving throughput and latency of this project's Ray Serve endpoint, optionally side by side with a peer
+OpenAI-compatible server (vLLM, ...) measured by the same closed-loop client in the same run.
 
-The 124M shape (random weights: speed does not depend on what the weights learned), 64-token completions:
-1. Throughput and p50/p99 latency at concurrency 1, 4, 8, 16 over real HTTP (the server's continuous batching
-   decodes concurrent requests together).
-2. HTTP + Serve overhead: concurrency 1 through the server vs `gpt2.generate.generate` in this process on the same
-   number of threads (goal ≤ 15%).
-3. Batched decoding: throughput at concurrency 8 vs one request at a time (goal ≥ 3×; decoding is bound by memory
-   bandwidth, so a batch reads the weights once for all its rows).
+Both servers serve the same checkpoint (`--model-dir`; by default a GPT-2 124M-shaped checkpoint with random
+weights, seed 0, in a temporary directory: speed does not depend on what the weights learned) in the same dtype
+(bf16 by default). Every request is a greedy (temperature 0) streamed completion of `--tokens` tokens (`ignore_eos`,
+so no request ends early at <|endoftext|>), so throughput, latency and time to first token come from the same
+requests. Completion tokens are read from the final usage chunk (`stream_options.include_usage`), or counted from the
+text chunks when a server sends no usage.
 
-  python -m benchmarks.bench_serve [--tokens 64 --requests-per-level 2 --threads 2]
+For each concurrency level C the client keeps C requests in flight (closed loop: each of C workers sends its next
+request when the previous one has finished) until `--requests-per-level` × C requests are done, on our server and
+then on the peer, and prints one table per level. Also printed: `gpt2.generate.generate` in this process at batch 1
+(the reference for the HTTP + Serve overhead) and the engine's mean decoding batch.
+
+  python -m benchmarks.bench_serve                                   # this project's server only
+  python -m benchmarks.bench_serve --model-dir DIR --peer-url http://127.0.0.1:8100   # DIR: what the peer serves
+  python -m benchmarks.bench_serve --levels 1,2 --requests-per-level 1 --tokens 16    # a quick check
+
+See docs/serving.md for starting vLLM's CPU build as the peer and for what each column means.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
+import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -34,88 +49,376 @@ PROMPTS = [
     "The recipe calls for two cups of",
     "Once upon a time, in a small village",
 ]
+OURS = "gpt2-124m"  # the variant name of our server's main row
+OURS_INT8 = "gpt2-124m-int8"
 
 
-def in_process(model_dir: Path, tokens: int, threads: int, repeats: int) -> float:
-    """Tokens/s of plain KV-cached generation, batch 1, in this process."""
+# ---------------------------------------------------------------- the closed-loop streaming client
+
+
+@dataclass
+class Outcome:
+    """One request: ok, or the reason it failed."""
+
+    ok: bool
+    latency: float = 0.0  # send to [DONE]
+    ttft: float | None = None  # send to the first chunk that carries a choice
+    tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class LevelResult:
+    server: str
+    concurrency: int
+    requests: int
+    elapsed_s: float
+    tokens: int
+    tokens_per_s: float
+    p50_s: float | None
+    p99_s: float | None
+    ttft_p50_s: float | None
+    errors: int
+    error_samples: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..1); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcome:
+    """POST a streamed completion and read its server-sent events to the end. Never raises: any non-200 answer,
+    transport failure or malformed stream is an Outcome with ok=False."""
+    t0 = time.perf_counter()
+    ttft, chunks, usage_tokens, done = None, 0, None, False
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode("utf-8", "replace")
+                return Outcome(False, error=f"HTTP {r.status_code}: {_short(text)}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments and other SSE fields
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    obj = json.loads(data)
+                except json.JSONDecodeError:
+                    return Outcome(False, error=f"malformed stream: not JSON: {_short(data)}")
+                if not isinstance(obj, dict):
+                    return Outcome(False, error=f"malformed stream: not an object: {_short(data)}")
+                if "error" in obj:
+                    return Outcome(False, error=f"error in stream: {_short(json.dumps(obj['error']))}")
+                choices = obj.get("choices") or []
+                if choices:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    chunks += sum(1 for c in choices if isinstance(c, dict) and c.get("text"))
+                usage = obj.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    usage_tokens = usage["completion_tokens"]
+    except httpx.HTTPError as e:
+        return Outcome(False, error=f"{type(e).__name__}: {_short(str(e)) or 'no message'}")
+    latency = time.perf_counter() - t0
+    if not done:
+        return Outcome(False, error="malformed stream: it ended without data: [DONE]")
+    if ttft is None:
+        return Outcome(False, error="malformed stream: no completion chunk")
+    return Outcome(True, latency, ttft, usage_tokens if usage_tokens is not None else chunks)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def request_body(model: str, i: int, tokens: int) -> dict:
+    return {
+        "model": model,
+        "prompt": PROMPTS[i % len(PROMPTS)] + f" ({i})",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,  # vLLM's field, which this server implements too: every request makes `tokens` tokens
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def auth_headers(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def closed_loop(
+    base: str, model: str, server: str, concurrency: int, requests: int, tokens: int, headers: dict | None = None
+) -> LevelResult:
+    """`concurrency` workers, each sending its next request when its previous one has finished, `requests` in all."""
+    url = f"{base}/v1/completions"
+    outcomes: list[Outcome] = []
+    next_index = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    timeout = httpx.Timeout(600, connect=10)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers or {}) as client:
+        async def worker() -> None:
+            for i in next_index:  # the iterator is shared: each index goes to exactly one worker
+                outcomes.append(await one_request(client, url, request_body(model, i, tokens)))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    good = [o for o in outcomes if o.ok]
+    produced = sum(o.tokens for o in good)
+    errors = [o.error for o in outcomes if not o.ok]
+    return LevelResult(
+        server=server, concurrency=concurrency, requests=requests, elapsed_s=elapsed, tokens=produced,
+        tokens_per_s=produced / elapsed if elapsed > 0 else 0.0,
+        p50_s=percentile([o.latency for o in good], 0.5), p99_s=percentile([o.latency for o in good], 0.99),
+        ttft_p50_s=percentile([o.ttft for o in good], 0.5), errors=len(errors),
+        error_samples=sorted(set(errors))[:3],
+    )
+
+
+def peer_info(base: str, model: str | None, headers: dict) -> tuple[str, dict]:
+    """The peer's model name (given, or the first id of GET /v1/models) and what /v1/models and /version say.
+    Exits with one line when the peer does not answer."""
+    try:
+        r = httpx.get(f"{base}/v1/models", timeout=10, headers=headers)
+        r.raise_for_status()
+        listed = r.json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        sys.exit(f"bench_serve: the peer at {base} does not answer GET /v1/models ({type(e).__name__}: "
+                 f"{_short(str(e), 120) or 'no message'}); start it first (docs/serving.md) or drop --peer-url")
+    info = {"models": [m.get("id") for m in listed if isinstance(m, dict)]}
+    entry = next((m for m in listed if isinstance(m, dict) and (model is None or m.get("id") == model)), None)
+    if model is None:
+        if entry is None or not entry.get("id"):
+            sys.exit(f"bench_serve: the peer at {base} lists no model in GET /v1/models; give --peer-model")
+        model = entry["id"]
+    info["root"] = (entry or {}).get("root")
+    try:  # vLLM (and some others) report their version here; optional
+        v = httpx.get(f"{base}/version", timeout=5, headers=headers)
+        if v.status_code == 200 and isinstance(v.json(), dict):
+            info["version"] = v.json().get("version")
+    except (httpx.HTTPError, ValueError):
+        pass
+    return model, info
+
+
+# ---------------------------------------------------------------- this machine, the in-process reference
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def in_process(model_dir: Path, dtype: str, quantize: str, tokens: int, threads: int, repeats: int) -> float:
+    """Tokens/s of `gpt2.generate.generate`, batch 1, greedy, in this process, on the model the server loads."""
+    from serve.variants import VariantSpec, load_variant
+
     torch.set_num_threads(threads)
-    model = GPT.from_pretrained(str(model_dir)).eval()
+    model = load_variant(VariantSpec("reference", str(model_dir), dtype=dtype, quantize=quantize), torch.device("cpu"))
     enc = get_tokenizer()
     generate(model, enc.encode(PROMPTS[0]), 4, temperature=0)  # warm-up
     start, produced = time.perf_counter(), 0
     for i in range(repeats):
-        produced += len(generate(model, enc.encode(PROMPTS[i % len(PROMPTS)]), tokens, temperature=0, stop_at_eot=False)[0])
+        prompt = enc.encode(PROMPTS[i % len(PROMPTS)])
+        produced += len(generate(model, prompt, tokens, temperature=0, stop_at_eot=False)[0])
     return produced / (time.perf_counter() - start)
 
 
-async def load_level(base: str, concurrency: int, requests: int, tokens: int) -> dict:
-    latencies, produced = [], 0
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
-        async def one(i: int) -> None:
-            nonlocal produced
-            body = {"model": "gpt2-124m", "prompt": PROMPTS[i % len(PROMPTS)] + f" ({i})", "max_tokens": tokens,
-                    "temperature": 0.8, "seed": i}
-            async with sem:
-                t0 = time.perf_counter()
-                r = await client.post(f"{base}/v1/completions", json=body)
-                latencies.append(time.perf_counter() - t0)
-            r.raise_for_status()
-            produced += r.json()["usage"]["completion_tokens"]
+# ---------------------------------------------------------------- report
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(requests)))
-        elapsed = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "concurrency": concurrency, "requests": requests, "tokens_per_s": produced / elapsed,
-        "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-    }
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def print_level(rows: list[LevelResult], tokens: int, peer: LevelResult | None) -> None:
+    first = rows[0]
+    print(f"\nconcurrency {first.concurrency}: {first.requests} requests per server, at most {tokens} tokens each")
+    head = f"  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'TTFT p50 s':>10} {'errors':>6} {'tokens':>7}"
+    if peer is not None:
+        head += f" {'tok/s ours/peer':>15} {'TTFT ours/peer':>14}"
+    print(head)
+    for r in rows:
+        line = (f"  {r.server:<22} {r.tokens_per_s:>9.1f} {_f(r.p50_s, '7.2f'):>7} {_f(r.p99_s, '7.2f'):>7} "
+                f"{_f(r.ttft_p50_s, '10.3f'):>10} {r.errors:>6} {r.tokens:>7}")
+        if peer is not None and r is not peer:
+            line += f" {_ratio(r.tokens_per_s, peer.tokens_per_s):>15} {_ratio(r.ttft_p50_s, peer.ttft_p50_s):>14}"
+        print(line)
+    for r in rows:
+        for e in r.error_samples:
+            print(f"  ! {r.server}: {e}")
+
+
+# ---------------------------------------------------------------- main
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--requests-per-level", type=int, default=2, help="requests per concurrency level = this × level")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, in the replica and in-process alike")
-    p.add_argument("--levels", default="1,4,8,16")
+    p.add_argument("--model-dir", type=Path, help="checkpoint to serve (default: a 124M random-weight one, seed 0, "
+                   "in a temporary directory); with --peer-url, the directory the peer serves")
+    p.add_argument("--peer-url", help="base URL of a running OpenAI-compatible server, e.g. http://127.0.0.1:8100")
+    p.add_argument("--peer-model", help="model name the peer expects (default: the first id of its GET /v1/models)")
+    p.add_argument("--peer-api-key", help="API key of the peer, sent as a Bearer token (our server gets $GPT2_API_KEY "
+                   "when that is set, as the server itself reads it)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of our served variant")
+    p.add_argument("--int8", action="store_true", help="also measure an int8-quantized variant of the checkpoint")
+    p.add_argument("--tokens", type=int, default=64, help="max_tokens of every completion")
+    p.add_argument("--levels", default="1,8,16", help="concurrency levels, comma-separated")
+    p.add_argument("--requests-per-level", type=int, default=4, help="requests per level and server = this × level")
+    p.add_argument("--max-batch", type=int, help="our engine's decoding rows (default: the highest level)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, in our replica and in-process alike")
+    p.add_argument("--reference-repeats", type=int, default=3, help="in-process batch-1 generations to time")
+    p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     args = p.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+    try:
+        levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--levels {args.levels!r}: give comma-separated integers, e.g. 1,8,16")
+    if not levels or min(levels) < 1 or args.tokens < 1 or args.requests_per_level < 1:
+        p.error("--levels, --tokens and --requests-per-level must be positive")
+    if args.peer_url and args.model_dir is None:
+        p.error("--peer-url needs --model-dir: the directory the peer serves, so that both serve the same checkpoint")
+    if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
+        p.error(f"--model-dir {args.model_dir}: no config.json there; give a checkpoint directory")
 
+    peer_url = args.peer_url.rstrip("/") if args.peer_url else None
+    peer_model, peer = peer_info(peer_url, args.peer_model, auth_headers(args.peer_api_key)) if peer_url else (None, {})
+    if peer_url and peer.get("root") and os.path.isabs(peer["root"]):
+        if Path(peer["root"]).resolve() != args.model_dir.resolve():
+            print(f"warning: the peer serves {peer['root']}, not --model-dir {args.model_dir}", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model_dir is None:
+            model_dir = Path(tmp) / "gpt2-124m"
+            torch.manual_seed(0)
+            GPT(preset("gpt2")).save_pretrained(str(model_dir))
+        else:
+            model_dir = args.model_dir.resolve()
+        report = run(args, levels, model_dir, peer_url, peer_model, peer)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nresults written to {args.out}")
+
+
+def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_model: str | None, peer: dict) -> dict:
     from ray import serve as ray_serve
 
     from cluster.tracking import free_port
     from serve.app import build_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "gpt2-124m"
-        torch.manual_seed(0)
-        GPT(preset("gpt2")).save_pretrained(str(model_dir))
-        baseline = in_process(model_dir, args.tokens, args.threads, repeats=3)
+    info = machine()
+    ours_label = f"ours {args.dtype}"
+    print(f"machine: {info['cpu']}, {info['cores']} cores ({', '.join(info['simd']) or 'no AVX2/AVX-512'}); "
+          f"torch {info['torch']}; Python {info['python']}")
+    print(f"checkpoint: {model_dir}")
+    if peer_url:
+        version = f", version {peer['version']}" if peer.get("version") else ""
+        print(f"peer: {peer_url}, model id {peer_model!r}{version}")
+    print(f"greedy streamed completions, at most {args.tokens} tokens; our server: {args.threads} torch threads, "
+          f"max_batch {args.max_batch or max(levels)}; figures depend on what else runs on the machine", flush=True)
 
-        init_ray("local", num_cpus=2)
-        port = free_port()
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = {"variants": {"gpt2-124m": {"source": str(model_dir), "dtype": "fp32"}}, "max_batch": max(levels),
-                    "max_pending": 64, "torch_threads": args.threads, "model_replica_cpus": 1}
+    repeats = args.reference_repeats
+    reference = {ours_label: in_process(model_dir, args.dtype, "none", args.tokens, args.threads, repeats)}
+    if args.int8:
+        reference["ours int8"] = in_process(model_dir, "fp32", "int8", args.tokens, args.threads, repeats)
+
+    variants = {OURS: {"source": str(model_dir), "dtype": args.dtype}}
+    if args.int8:  # int8 dynamic quantization computes from fp32 weights
+        variants[OURS_INT8] = {"source": str(model_dir), "dtype": "fp32", "quantize": "int8"}
+    ours_headers = auth_headers(os.environ.get("GPT2_API_KEY"))  # the server requires it when it is set
+    servers = [(ours_label, None, OURS, ours_headers)]
+    if args.int8:
+        servers.append(("ours int8", None, OURS_INT8, ours_headers))
+    if peer_url:
+        servers.append(("peer", peer_url, peer_model, auth_headers(args.peer_api_key)))
+
+    init_ray("local", num_cpus=2)
+    port = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    results: list[LevelResult] = []
+    stats = None
+    try:
+        settings = {"variants": variants, "max_batch": args.max_batch or max(levels), "max_pending": 64,
+                    "torch_threads": args.threads, "model_replica_cpus": 1}
         ray_serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
-        asyncio.run(load_level(base, 1, 1, 4))  # loads the variant and warms the path up
-        results = [asyncio.run(load_level(base, c, args.requests_per_level * c, args.tokens)) for c in levels]
-        stats = httpx.get(f"{base}/v1/stats").json()["gpt2-124m"]
+        servers = [(label, url or base, model, headers) for label, url, model, headers in servers]
+        for label, url, model, headers in servers:  # warm-up: loads the variant, opens the path
+            warm = asyncio.run(closed_loop(url, model, label, 1, 1, min(args.tokens, 8), headers))
+            if warm.errors:
+                print(f"warm-up of {label} failed: {warm.error_samples[0]}", flush=True)
+        for c in levels:  # per level, every server one after the other, so they meet the same machine state
+            rows = [asyncio.run(closed_loop(url, model, label, c, args.requests_per_level * c, args.tokens, headers))
+                    for label, url, model, headers in servers]
+            results.extend(rows)
+            print_level(rows, args.tokens, rows[-1] if peer_url else None)
+            sys.stdout.flush()
+        try:
+            stats = httpx.get(f"{base}/v1/stats", timeout=30, headers=ours_headers).json()
+        except (httpx.HTTPError, ValueError):
+            stats = None
+    finally:
         ray_serve.shutdown()
 
-    print(f"GPT-2 124M shape, fp32, {args.tokens}-token completions, {args.threads} torch threads")
-    print(f"{'concurrency':>11} {'requests':>8} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7}")
-    for r in results:
-        print(f"{r['concurrency']:>11} {r['requests']:>8} {r['tokens_per_s']:>9.1f} {r['p50']:>7.2f} {r['p99']:>7.2f}")
-    single = next(r for r in results if r["concurrency"] == 1)
-    print(f"in-process generate, batch 1: {baseline:.1f} tokens/s")
-    print(f"HTTP + Serve overhead at concurrency 1: {100 * (1 - single['tokens_per_s'] / baseline):.1f}% (goal <= 15%)")
-    if any(r["concurrency"] == 8 for r in results):
-        eight = next(r for r in results if r["concurrency"] == 8)
-        print(f"batched decoding, concurrency 8 vs 1: {eight['tokens_per_s'] / single['tokens_per_s']:.2f}x (goal >= 3x)")
-    print(f"engine: mean batch {stats['mean_batch']:.2f} over {stats['decode_steps']} decoding steps")
+    print()
+    for label, tps in reference.items():
+        print(f"in-process gpt2.generate.generate, batch 1, {label.removeprefix('ours ')}: {tps:.1f} tokens/s")
+    single = next((r for r in results if r.server == ours_label and r.concurrency == 1 and r.tokens), None)
+    if single:
+        print(f"HTTP + Serve overhead at concurrency 1 ({ours_label}): "
+              f"{100 * (1 - single.tokens_per_s / reference[ours_label]):.1f}% (goal <= 15%)")
+        eight = next((r for r in results if r.server == ours_label and r.concurrency == 8), None)
+        if eight:
+            print(f"batched decoding, concurrency 8 vs 1 ({ours_label}): "
+                  f"{eight.tokens_per_s / single.tokens_per_s:.2f}x (goal >= 3x)")
+    if isinstance(stats, dict) and isinstance(stats.get(OURS), dict) and "mean_batch" in stats[OURS]:
+        s = stats[OURS]
+        print(f"engine ({ours_label}): mean batch {s['mean_batch']:.2f} over {s.get('decode_steps')} decoding steps")
+    errors = sum(r.errors for r in results)
+    if errors:
+        print(f"{errors} request(s) failed; see the lines marked ! above")
+
+    return {
+        "machine": info,
+        "checkpoint": str(model_dir),
+        "settings": {"dtype": args.dtype, "int8": args.int8, "tokens": args.tokens, "levels": levels,
+                     "requests_per_level": args.requests_per_level, "max_batch": args.max_batch or max(levels),
+                     "threads": args.threads, "temperature": 0, "stream": True},
+        "peer": {"url": peer_url, "model": peer_model, **peer} if peer_url else None,
+        "in_process_batch1_tokens_per_s": reference,
+        "levels": [asdict(r) for r in results],
+        "ratios_ours_over_peer": [
+            {"concurrency": r.concurrency, "server": r.server,
+             "tokens_per_s": r.tokens_per_s / p.tokens_per_s if p.tokens_per_s else None,
+             "ttft_p50": r.ttft_p50_s / p.ttft_p50_s if r.ttft_p50_s and p.ttft_p50_s else None}
+            for r in results if r.server != "peer"
+            for p in results if p.server == "peer" and p.concurrency == r.concurrency
+        ],
+        "engine_stats": stats,
+    }
 
 
 if __name__ == "__main__":
