@@ -12,6 +12,7 @@ import torch
 
 from gpt2 import GPT, GPTConfig, preset
 from serve.deploy import deploy
+from tests.browser import chromium
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -374,48 +375,31 @@ def test_overload_answers_503(server):
         ray_serve.delete("gpt2-tight")
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 def test_web_page_compares_two_variants(server):
     """Headless Chromium loads the page, runs one prompt on two variants, and both columns fill with text."""
-    import os
-
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs the Debian chromium package")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run"],
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(server["base"] + "/")
+        page.wait_for_selector("input[name=variant]")
+        for box in page.query_selector_all("input[name=variant]"):
+            box.set_checked(box.get_attribute("value") in ("pretrained", "finetuned"))
+        page.fill("#prompt", "The history of")
+        page.fill("#max_tokens", "12")
+        page.click("#go")
+        page.wait_for_function(
+            "document.querySelectorAll('.column[data-done]').length === 2", timeout=60_000
         )
-        try:
-            page = browser.new_page()
-            page.goto(server["base"] + "/")
-            page.wait_for_selector("input[name=variant]")
-            for box in page.query_selector_all("input[name=variant]"):
-                box.set_checked(box.get_attribute("value") in ("pretrained", "finetuned"))
-            page.fill("#prompt", "The history of")
-            page.fill("#max_tokens", "12")
-            page.click("#go")
-            page.wait_for_function(
-                "document.querySelectorAll('.column[data-done]').length === 2", timeout=60_000
-            )
-            columns = page.query_selector_all(".column")
-            assert sorted(c.get_attribute("data-variant") for c in columns) == ["finetuned", "pretrained"]
-            for column in columns:
-                assert column.get_attribute("data-done") == "true", column.inner_text()
-                assert column.query_selector(".text").inner_text().strip()
-                assert "tokens/s" in column.query_selector(".stats").inner_text()
-            # An error reaches the user: a prompt too long for the tiny models' context.
-            page.fill("#prompt", "word " * 300)
-            page.click("#go")
-            page.wait_for_function("document.querySelectorAll('.column[data-done=error]').length === 2", timeout=60_000)
-            assert "context" in page.query_selector(".column .error").inner_text()
-        finally:
-            browser.close()
+        columns = page.query_selector_all(".column")
+        assert sorted(c.get_attribute("data-variant") for c in columns) == ["finetuned", "pretrained"]
+        for column in columns:
+            assert column.get_attribute("data-done") == "true", column.inner_text()
+            assert column.query_selector(".text").inner_text().strip()
+            assert "tokens/s" in column.query_selector(".stats").inner_text()
+        # An error reaches the user: a prompt too long for the tiny models' context.
+        page.fill("#prompt", "word " * 300)
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('.column[data-done=error]').length === 2", timeout=60_000)
+        assert "context" in page.query_selector(".column .error").inner_text()
 
 
 def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from gpt2 import GPT, preset
 from serve.deploy import deploy
+from tests.browser import chromium
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -253,45 +254,28 @@ def test_an_oversized_chunked_body_is_refused_before_it_ends(server):
     assert sent < 50, f"the answer came only after the whole body ({sent} chunks)"
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 def test_web_page_asks_for_the_key_then_completes(server):
     """The page's first API call meets a 401: it asks for the key (a wrong one is asked again), keeps it for the
     tab, and the comparison then runs as usual."""
-    import os
-
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs the Debian chromium package")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run"],
-        )
-        try:
-            page = browser.new_page()
-            page.goto(server["base"] + "/")
-            page.wait_for_selector("#key-form:not([hidden])")
-            page.fill("#api_key", "not-the-key")
-            page.click("#key-save")
-            page.wait_for_function("document.querySelector('#key-message').textContent.includes('not accepted')")
-            page.fill("#api_key", KEY)
-            page.click("#key-save")
-            page.wait_for_selector("input[name=variant]")
-            assert page.is_hidden("#key-form")
-            assert page.evaluate("sessionStorage.getItem('gpt2-api-key')") == KEY
-            for box in page.query_selector_all("input[name=variant]"):
-                box.set_checked(box.get_attribute("value") == "pretrained")
-            page.fill("#prompt", "The history of")
-            page.fill("#max_tokens", "8")
-            page.click("#go")
-            page.wait_for_function("document.querySelectorAll('.column[data-done]').length === 1", timeout=60_000)
-            column = page.query_selector(".column")
-            assert column.get_attribute("data-done") == "true", column.inner_text()
-            assert column.query_selector(".text").inner_text().strip()
-            assert page.is_hidden("#key-form")  # the stored key served the completion: no second question
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(server["base"] + "/")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api_key", "not-the-key")
+        page.click("#key-save")
+        page.wait_for_function("document.querySelector('#key-message').textContent.includes('not accepted')")
+        page.fill("#api_key", KEY)
+        page.click("#key-save")
+        page.wait_for_selector("input[name=variant]")
+        assert page.is_hidden("#key-form")
+        assert page.evaluate("sessionStorage.getItem('gpt2-api-key')") == KEY
+        for box in page.query_selector_all("input[name=variant]"):
+            box.set_checked(box.get_attribute("value") == "pretrained")
+        page.fill("#prompt", "The history of")
+        page.fill("#max_tokens", "8")
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('.column[data-done]').length === 1", timeout=60_000)
+        column = page.query_selector(".column")
+        assert column.get_attribute("data-done") == "true", column.inner_text()
+        assert column.query_selector(".text").inner_text().strip()
+        assert page.is_hidden("#key-form")  # the stored key served the completion: no second question
