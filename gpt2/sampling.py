@@ -19,7 +19,7 @@ import torch
 
 from gpt2.config import EOT_TOKEN
 
-MAX_LOGPROBS = 20
+MAX_TOP_LOGPROBS = 20  # the most alternatives per position the library reports (the engine's limit too)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def choose(
 
     out: list[TokenLogprobs | None] = [None] * B
     if want:
-        k = max(min(sequences[i].logprobs, MAX_LOGPROBS) for i in want)
+        k = max(min(sequences[i].logprobs, MAX_TOP_LOGPROBS) for i in want)
         top_v, top_i = raw.topk(max(k, 1), dim=-1) if k else (None, None)
         picked = raw.gather(1, tokens[want][:, None]).squeeze(1).tolist()
         top_v = top_v.tolist() if k else None

@@ -76,6 +76,8 @@ class _Choice:
         self.finished = False
         self.tokens = 0
         self.exits = 0
+        self.echoed = False  # with echo + logprobs: whether the prompt and its scores have been sent
+        self.held: list = []  # this choice's events that arrived before its prompt's scores
 
 
 async def run_completion(engine, req: CompletionRequest, limits: Limits):
@@ -111,12 +113,14 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
     try:
         for c in choices:  # OpenAI order: all n of prompt 0, then prompt 1, ...
             i = c.index % req.n
+            if req.max_tokens == 0 and not (wants_prompt_lp and i == 0):
+                continue  # nothing to generate: the echo (with the prompt's one scoring pass) is the whole answer
             c.handle = engine.submit(
                 c.prompt, req.max_tokens, params, listener(c.index),
                 seed=None if req.seed is None else req.seed + i,
                 exit_threshold=None if req.early_exit_threshold is None else float(req.early_exit_threshold),
                 logprobs=req.logprobs,
-                prompt_logprobs=req.logprobs if wants_prompt_lp else None,
+                prompt_logprobs=req.logprobs if wants_prompt_lp and i == 0 else None,  # scored once per prompt
             )
     except EngineOverloaded as e:
         for c in choices:
@@ -128,7 +132,56 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
     if req.echo and not wants_prompt_lp:
         for c in choices:
             yield {"event": "text", "index": c.index, "text": c.prompt_text}
+            if c.handle is None:  # max_tokens 0: the echoed prompt is all there is
+                c.finished = True
+                yield {"event": "finish", "index": c.index, "reason": "length", "stop_reason": None}
     started = time.perf_counter()
+
+    def on_event(c: _Choice, event) -> list[dict]:
+        """What one engine event of choice c sends to the client."""
+        if isinstance(event, PromptLogprobs):  # the prompt's scores, computed once and echoed by all n choices
+            block, _ = logprobs_block(c.prompt, event.logprobs, event.top, 0)
+            group = choices[c.index - c.index % req.n: c.index - c.index % req.n + req.n]
+            out = []
+            for other in group:
+                other.echoed = True
+                out.append({"event": "text", "index": other.index, "text": other.prompt_text, "logprobs": block})
+                for held in other.held:
+                    out.extend(on_event(other, held))
+                other.held.clear()
+                if other.handle is None:  # a scoring-only choice that the first one answered
+                    other.finished = True
+                    out.append({"event": "finish", "index": other.index, "reason": "length", "stop_reason": None})
+            return out
+        if wants_prompt_lp and not c.echoed:  # this choice's echo comes with its prompt's scores: wait for them
+            c.held.append(event)
+            return []
+        if c.finished:
+            return []
+        if isinstance(event, Token):
+            c.tokens += 1
+            c.exits += bool(event.exited)
+            piece = "" if event.stop else c.text.push(event.id)
+            out = {"event": "text", "index": c.index, "text": piece}
+            if event.logprobs is not None:
+                lp = event.logprobs
+                out["logprobs"], c.offset = logprobs_block([event.id], [lp.logprob], [lp.top], c.offset)
+            sent = [out] if piece or "logprobs" in out else []
+            if c.text.stopped is not None:  # a stop string ended this choice; free its decoding row now
+                engine.cancel(c.handle)
+                c.finished = True
+                sent.append({"event": "finish", "index": c.index, "reason": "stop", "stop_reason": c.text.stopped})
+            return sent
+        if isinstance(event, Finished):
+            c.finished = True
+            if event.reason == "error":
+                return [{"event": "error", "status": 500, "message": f"generation failed: {event.error}"}]
+            tail = c.text.flush()
+            sent = [{"event": "text", "index": c.index, "text": tail}] if tail else []
+            reason = "stop" if event.reason == "stop" else "length"
+            return sent + [{"event": "finish", "index": c.index, "reason": reason, "stop_reason": event.stop_token}]
+        return []
+
     try:
         while not all(c.finished for c in choices):
             try:
@@ -136,43 +189,18 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
             except asyncio.TimeoutError:  # the request ran out of time: what it has is its answer
                 for c in choices:
                     if not c.finished:
-                        engine.cancel(c.handle)
+                        if c.handle is not None:
+                            engine.cancel(c.handle)
                         c.finished = True
                         tail = c.text.flush()
                         if tail:
                             yield {"event": "text", "index": c.index, "text": tail}
                         yield {"event": "finish", "index": c.index, "reason": "length", "stop_reason": None}
                 break
-            c = choices[index]
-            if c.finished:
-                continue
-            if isinstance(event, PromptLogprobs):
-                block, _ = logprobs_block(c.prompt, event.logprobs, event.top, 0)
-                yield {"event": "text", "index": index, "text": c.prompt_text, "logprobs": block}
-            elif isinstance(event, Token):
-                c.tokens += 1
-                c.exits += bool(event.exited)
-                piece = "" if event.stop else c.text.push(event.id)
-                out = {"event": "text", "index": index, "text": piece}
-                if event.logprobs is not None:
-                    lp = event.logprobs
-                    out["logprobs"], c.offset = logprobs_block([event.id], [lp.logprob], [lp.top], c.offset)
-                if piece or "logprobs" in out:
-                    yield out
-                if c.text.stopped is not None:  # a stop string ended this choice; free its decoding row now
-                    engine.cancel(c.handle)
-                    c.finished = True
-                    yield {"event": "finish", "index": index, "reason": "stop", "stop_reason": c.text.stopped}
-            elif isinstance(event, Finished):
-                c.finished = True
-                if event.reason == "error":
-                    yield {"event": "error", "status": 500, "message": f"generation failed: {event.error}"}
+            for out in on_event(choices[index], event):
+                yield out
+                if out["event"] == "error":
                     return
-                tail = c.text.flush()
-                if tail:
-                    yield {"event": "text", "index": index, "text": tail}
-                reason = "stop" if event.reason == "stop" else "length"
-                yield {"event": "finish", "index": index, "reason": reason, "stop_reason": event.stop_token}
     finally:  # also on cancellation (the client went away): free every row this request still holds
         for c in choices:
             if not c.finished and c.handle is not None:

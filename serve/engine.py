@@ -33,7 +33,7 @@ import torch
 
 from gpt2.config import EOT_TOKEN
 from gpt2.generate import check_prompt
-from gpt2.sampling import MAX_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
+from gpt2.sampling import MAX_TOP_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ class DecodeEngine:
         if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
             raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {max_tokens}")
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if k is not None and not 0 <= k <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
         prompt = check_prompt(prompt, self.config, max_tokens)
         request = Request(
             prompt, max_tokens, params, on_event, seed, exit_threshold, logprobs, prompt_logprobs, id=next(self._ids)

@@ -16,7 +16,7 @@ from gpt2.tokenizer import IncrementalDecoder, get_tokenizer
 
 Number = StrictFloat | StrictInt
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
-MAX_LOGPROBS = 5  # OpenAI's limit for the completions API
+API_MAX_LOGPROBS = 5  # OpenAI's limit for the completions API (the engine reports up to 20)
 
 
 class StreamOptions(BaseModel):
@@ -51,7 +51,7 @@ class CompletionRequest(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     echo: StrictBool = False
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictInt | None = Field(None, ge=0, le=API_MAX_LOGPROBS)
     presence_penalty: Number = Field(0, ge=-2, le=2)
     frequency_penalty: Number = Field(0, ge=-2, le=2)
     repetition_penalty: Number = Field(1, gt=0, le=2)
@@ -153,8 +153,9 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int = 5025
     stops = req.stops()
     if len(stops) > limits.max_stop or any(s == "" for s in stops):
         raise APIError(400, f"stop takes up to {limits.max_stop} non-empty strings", param="stop")
-    if sum(len(s) for s in stops) > limits.max_stop_chars:
-        raise APIError(400, f"the stop strings hold {sum(len(s) for s in stops)} characters; the limit is"
+    stop_chars = sum(map(len, stops))
+    if stop_chars > limits.max_stop_chars:
+        raise APIError(400, f"the stop strings hold {stop_chars} characters; the limit is"
                        f" {limits.max_stop_chars}", param="stop")
     ids = req.stop_token_ids or []
     if len(ids) > limits.max_stop_token_ids:

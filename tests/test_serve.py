@@ -142,6 +142,16 @@ def test_openai_client_logprobs_echo_and_prompt_scoring(server):
     assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n_prompt], abs=1e-5)
     assert scored.choices[0].finish_reason == "length"
+    # n choices share the prompt's one scoring pass; without logprobs the echo alone answers max_tokens 0.
+    two = client.completions.create(model="pretrained", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                    logprobs=1, n=2, extra_body={"ignore_eos": True})
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 4
+    for c in two.choices:
+        assert c.text == choice.text[: len(c.text)] and len(c.logprobs.tokens) == n_prompt + 2
+        assert c.logprobs.token_logprobs[:n_prompt] == pytest.approx(lp.token_logprobs[:n_prompt], abs=1e-5,
+                                                                      nan_ok=True)
+    bare = client.completions.create(model="pretrained", prompt=prompt, max_tokens=0, echo=True, n=2)
+    assert [c.text for c in bare.choices] == [prompt, prompt] and bare.usage.completion_tokens == 0
 
     # Streamed: every chunk that carries text carries the logprobs of its tokens; together they equal the above.
     streamed = client.completions.create(model="pretrained", prompt=prompt, max_tokens=3, temperature=0, echo=True,
