@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from cluster.ray_env import init_ray  # first: the cluster package sets Ray's auth mode before Ray is imported
+from cluster.ray_env import init_ray
 from gpt2 import GPT, preset
 from gpt2.generate import generate
 from gpt2.tokenizer import get_tokenizer

@@ -12,6 +12,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
 
 
+def use_token_auth() -> None:
+    """Token authentication for every Ray connection this process makes, as the heads this project starts use it
+    (cluster/local_services.py), unless RAY_AUTH_MODE says otherwise.
+
+    Ray reads RAY_AUTH_MODE once, when it is imported. A driver that imported ray before the variable was set would
+    start a local instance whose processes (which read the variable when they start) demand a token the driver never
+    sends, so Ray's configuration is read again here when it disagrees: the order of imports no longer matters.
+    """
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    wanted = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not ray.is_initialized() and (get_authentication_mode() == AuthenticationMode.TOKEN) != (wanted == "token"):
+        Config.initialize("")
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """Connect once per process and return how: "existing", "cluster" or "local".
 
@@ -22,6 +37,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """
     if ray.is_initialized():
         return "existing"
+    use_token_auth()
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)

@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 def ray_session(tmp_path_factory):
     """A local Ray instance for the session, shut down at the end. 4 logical CPUs on 2 cores lets a 2-worker
     Train run and a Data actor pool coexist; tests never assert timings."""
-    from cluster.ray_env import init_ray  # first: the cluster package sets Ray's auth mode before Ray is imported
+    from cluster.ray_env import init_ray
     from cluster.storage import CACHE_ENV
 
     import ray

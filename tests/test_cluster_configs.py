@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.config import load  # first: the cluster package sets Ray's auth mode before Ray is imported
+from cluster.config import load
 from cluster.pretrain_config import PretrainConfig
 from tests.job_loader import load_job
 
