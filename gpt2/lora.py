@@ -3,9 +3,10 @@
 `apply_lora` wraps the target nn.Linear layers in place and freezes every other parameter (embeddings and
 LayerNorms included). The wrapper keeps the base layer's parameter names (`...attn.c_attn.weight`), so a LoRA
 model's state dict is the base state dict plus `...lora_A` / `...lora_B`. Adapters are saved on their own
-(`save_adapters`) or folded into a plain GPT (`merge_lora`) that `gpt2.checkpoint.save_pretrained` writes as a
-checkpoint the server and Hugging Face transformers load. Pass the unwrapped model (not a DDP wrapper) to the
-functions here.
+(`save_adapters`, in peft's format for Hugging Face GPT-2, which peft and transformers' load_adapter read;
+`load_adapters` reads that format whoever wrote it) or folded into a plain GPT (`merge_lora`) that
+`gpt2.checkpoint.save_pretrained` writes as a checkpoint the server and Hugging Face transformers load. Pass the
+unwrapped model (not a DDP wrapper) to the functions here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +27,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2.checkpoint import CheckpointError, atomic_directory
-from gpt2.config import GPTConfig
 from gpt2.model import GPT
 
 # The projections of a GPT-2 block, named as in the model (and in the OpenAI / Hugging Face checkpoints).
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# peft's file names, which peft, transformers' load_adapter and vLLM's --lora-modules look for.
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# Adapters this project saved before it wrote peft's format: its own config keys and tensor names. Still loaded.
+LEGACY_WEIGHTS_FILE = "adapters.safetensors"
+# peft names a tensor by its path in PeftModel(GPT2LMHeadModel): base_model (the LoraModel) . model (the GPT-2),
+# then the module's own path, which is the same as here, and the nn.Linear inside lora_A / lora_B.
+_PEFT_PREFIX, _PEFT_SUFFIX = "base_model.model.", ".weight"
+# peft options that this project's LoRA does not have. Those that add tensors (DoRA's magnitudes, modules_to_save)
+# would also fail as unexpected tensors, but the others (alpha_pattern, ...) would load and compute something else.
+_PEFT_OPTIONS_NOT_SUPPORTED = (
+    "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
+    "target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config",
+    "velora_config", "monteclora_config", "kasa_config", "loftq_config",
+)  # fmt: skip
+# Initialisations that leave the base weights alone; PiSSA, OLoRA, LoftQ, ... change them, so their adapters only
+# fit the changed base.
+_PEFT_INITS_SUPPORTED = (True, False, "gaussian")
 
 
 class AdapterError(CheckpointError):
@@ -74,6 +91,10 @@ class LoRAConfig:
                 raise ValueError(
                     f"LoRA layers {list(self.layers)}: give distinct non-negative block indices, or None for all"
                 )
+        # Order means nothing to the model; one order makes configs read back from any file compare equal.
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
 
     @property
     def scaling(self) -> float:
@@ -190,42 +211,135 @@ class AdapterInfo:
     """What adapter_config.json records: the LoRA shape and the base model the adapters were trained on."""
 
     lora: LoRAConfig
-    base_config: GPTConfig
-    base_model: str | None  # the base checkpoint's path or hub name, as given to save_adapters
+    base_model: str | None  # the base checkpoint's path or hub name (peft's base_model_name_or_path)
+
+
+def _peft_name(name: str) -> str:
+    """peft's name for a tensor of lora_state_dict: transformer.h.0.attn.c_attn.lora_A becomes
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight."""
+    return f"{_PEFT_PREFIX}{name}{_PEFT_SUFFIX}"
+
+
+def _name_from_peft(key: str) -> str:
+    """The inverse of _peft_name; a key of another shape comes back unchanged, to be reported as unexpected."""
+    if key.startswith(_PEFT_PREFIX) and key.endswith(_PEFT_SUFFIX):
+        return key[len(_PEFT_PREFIX) : -len(_PEFT_SUFFIX)]
+    return key
+
+
+def _peft_config(cfg: LoRAConfig, base_model: str | None) -> dict:
+    """peft's LoraConfig fields for `cfg`.
+
+    Hugging Face GPT-2's projections are Conv1D modules with weight (in, out), which peft records as fan_in_fan_out;
+    that flag only transposes the weight when peft merges. lora_A (r, in) and lora_B (out, r) and the update
+    scaling·B·A·x are the same as here, so the tensors need no transposing.
+    """
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # peft and vLLM declare an int
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "r": cfg.rank,
+        "lora_alpha": alpha,
+        "use_rslora": False,  # scaling alpha / r, as in LoRALinear
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.targets),  # peft matches the modules whose names end with ".attn.c_attn", ...
+        "layers_to_transform": None if cfg.layers is None else list(cfg.layers),
+        "layers_pattern": None if cfg.layers is None else "h",  # the blocks are transformer.h.<i>
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
 
 
 def save_adapters(model: GPT, directory: str | os.PathLike, *, base_model: str | None = None) -> None:
-    """Write `directory` atomically: adapter_config.json (LoRA config, base model identity and config) and
-    adapters.safetensors (the lora_A/lora_B tensors). `base_model` is the base checkpoint's path or hub name."""
+    """Write `directory` atomically in peft's LoRA format for Hugging Face GPT-2: adapter_config.json and
+    adapter_model.safetensors. `base_model` is the base checkpoint's path or hub name; then
+    peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), directory) computes the logits
+    of merge_lora(model)."""
     cfg = _lora_config(model)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in lora_state_dict(model).items()}
-    config = {
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "lora": cfg.to_dict(),
-        "base_model": base_model,
-        "base_config": model.config.to_dict(),
-    }
+    tensors = {_peft_name(name): t.detach().contiguous().cpu() for name, t in lora_state_dict(model).items()}
     with atomic_directory(directory) as tmp:
-        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(_peft_config(cfg, base_model), indent=2) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def _adapted_targets(names: Iterable[str]) -> tuple[str, ...]:
+    """The projections that tensors of these names (as in lora_state_dict) adapt.
+
+    Read from the tensors rather than from peft's target_modules, which peft matches by suffix or as a regex:
+    "c_proj" there means both attn.c_proj and mlp.c_proj.
+    """
+    found = {m[1] for name in names if (m := re.fullmatch(r"transformer\.h\.\d+\.(.+)\.lora_[AB]", name))}
+    return tuple(t for t in TARGETS if t in found)
+
+
+def _lora_config_from_peft(d: dict, directory: Path) -> LoRAConfig:
+    """The LoRAConfig that computes what peft computes for the LoRA config `d`; AdapterError for peft options that
+    this project's LoRA does not have."""
+    path = directory / ADAPTER_CONFIG_FILE
+    if d["peft_type"] != "LORA":
+        raise AdapterError(f"{path}: peft_type {d['peft_type']!r}; only LoRA adapters load here")
+    unsupported = [f"{k}={d[k]!r}" for k in _PEFT_OPTIONS_NOT_SUPPORTED if d.get(k)]
+    if d.get("bias", "none") != "none":
+        unsupported.append(f"bias={d['bias']!r}")
+    if d.get("init_lora_weights", True) not in _PEFT_INITS_SUPPORTED:
+        unsupported.append(f"init_lora_weights={d['init_lora_weights']!r}")
+    if unsupported:
+        raise AdapterError(f"{path}: peft options this project's LoRA does not support: {', '.join(unsupported)}")
+    rank, alpha = d.get("r", 8), d.get("lora_alpha", 8)  # peft's defaults
+    if d.get("use_rslora"):  # rank-stabilised scaling alpha / sqrt(r) is alpha·sqrt(r) / r
+        alpha = alpha * math.sqrt(rank)
+    layers = d.get("layers_to_transform")
+    return LoRAConfig(
+        rank=rank,
+        alpha=alpha,
+        dropout=d.get("lora_dropout", 0.0),
+        targets=_adapted_targets(_read_adapter_tensors(directory)[1]),
+        layers=(layers,) if isinstance(layers, int) else layers,
+    )
+
+
 def read_adapter_config(directory: str | os.PathLike) -> AdapterInfo:
-    """The LoRA config and base model recorded in `directory`, e.g. to load the right base before the adapters."""
-    path = Path(directory) / ADAPTER_CONFIG_FILE
+    """The LoRA config and base model recorded in `directory`, e.g. to load the right base before the adapters.
+
+    Reads peft's LoRA format (written here or by peft for a Hugging Face GPT-2) and the format this project wrote
+    before.
+    """
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG_FILE
     if not path.is_file():
-        where = "does not exist" if not Path(directory).is_dir() else f"has no {ADAPTER_CONFIG_FILE}"
+        where = "does not exist" if not directory.is_dir() else f"has no {ADAPTER_CONFIG_FILE}"
         raise AdapterError(f"adapter directory {directory} {where}")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(d, dict) or d.get("format_version", ADAPTER_FORMAT_VERSION) > ADAPTER_FORMAT_VERSION:
-        raise AdapterError(f"{path}: not an adapter config of this project's format {ADAPTER_FORMAT_VERSION}")
+    if not isinstance(d, dict) or not ("peft_type" in d or ("lora" in d and d.get("format_version", 1) == 1)):
+        raise AdapterError(f"{path}: neither a peft adapter config nor one of this project's earlier format")
     try:
-        return AdapterInfo(LoRAConfig.from_dict(d["lora"]), GPTConfig.from_dict(d["base_config"]), d.get("base_model"))
+        if "peft_type" in d:
+            return AdapterInfo(_lora_config_from_peft(d, directory), d.get("base_model_name_or_path"))
+        return AdapterInfo(LoRAConfig.from_dict(d["lora"]), d.get("base_model"))
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{path}: not a valid adapter config ({type(e).__name__}: {e})") from e
+
+
+def _read_adapter_tensors(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file and its tensors, named as in lora_state_dict."""
+    peft_path, legacy_path = directory / ADAPTER_WEIGHTS_FILE, directory / LEGACY_WEIGHTS_FILE
+    path = peft_path if peft_path.is_file() or not legacy_path.is_file() else legacy_path
+    if not path.is_file():
+        raise AdapterError(f"{directory}: no {ADAPTER_WEIGHTS_FILE}")
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path}: cannot read safetensors file ({e}); it is corrupt or truncated") from e
+    if path == peft_path:
+        saved = {_name_from_peft(key): t for key, t in saved.items()}
+    return path, saved
 
 
 def load_adapters(model: GPT, directory: str | os.PathLike) -> GPT:
@@ -242,20 +356,11 @@ def load_adapters(model: GPT, directory: str | os.PathLike) -> GPT:
         differences = [f"{k}: saved {v!r}, model {model_cfg[k]!r}" for k, v in saved_cfg.items() if v != model_cfg[k]]
         if differences:
             raise AdapterError(f"{directory}: LoRA config differs from the model's ({', '.join(differences)})")
-    base = info.base_config
-    if (model.config.n_layer, model.config.n_embd) != (base.n_layer, base.n_embd):
-        raise AdapterError(
-            f"{directory}: {trained_on} with n_layer={base.n_layer}, n_embd={base.n_embd}; this model has"
-            f" n_layer={model.config.n_layer}, n_embd={model.config.n_embd}"
-        )
-    targets = _target_layers(model, info.lora)  # in range: the model has the base's n_layer
-    weights_path = Path(directory) / ADAPTER_WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterError(f"{directory}: no {ADAPTER_WEIGHTS_FILE}")
     try:
-        saved = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{weights_path}: cannot read safetensors file ({e}); it is corrupt or truncated") from e
+        targets = _target_layers(model, info.lora)
+    except ValueError as e:
+        raise AdapterError(f"{directory}: {e} ({trained_on})") from e
+    weights_path, saved = _read_adapter_tensors(Path(directory))
     rank = info.lora.rank
     shapes = {}
     for name, layer in targets.items():
