@@ -275,7 +275,8 @@ def _finish(student: GPT, cfg: DistillConfig, logger: RunLogger, run_dir: Path, 
     logger.log_artifact(plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=title))
     logger.log_artifact(run_dir / "metrics.jsonl")
     logger.log_text(render_model_card(student.config, **card), "README.md")
-    logger.log_model(run_dir / "final", registered_name=cfg.run.name)
+    logger.log_model(run_dir / "final", "distilled", registered_name=cfg.run.registered_model,
+                     tags={"tokens_seen": card["training"]["tokens_seen"], "teacher": cfg.teacher.source})
     logger.close()
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import shutil
 import sys
 import time
@@ -46,7 +47,7 @@ from cluster.models import is_mlflow_uri, local_model_dir
 from cluster.ray_env import quiet_train_reports
 from cluster.tracking import RunLogger
 from gpt2 import GPT
-from gpt2.checkpoint import atomic_directory, resolve_hub_name
+from gpt2.checkpoint import add_tokenizer_files, atomic_directory, resolve_hub_name
 from gpt2.config import IGNORE_INDEX
 from gpt2.data import ShardedTokenLoader
 from gpt2.early_exit import (
@@ -132,9 +133,11 @@ def write_calibration_csv(rows: Sequence[dict], chosen_tau: float, path: str | P
 
 
 def copy_base_checkpoint(source: str | Path, target: str | Path) -> None:
-    """Make `target` a copy of the base checkpoint's model files, replacing any earlier `target` in one rename."""
+    """Make `target` a copy of the base checkpoint's model files (with the tokenizer files, also when an older base
+    lacks them), replacing any earlier `target` in one rename."""
     with atomic_directory(target, create=False) as tmp:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        add_tokenizer_files(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------- the worker
@@ -252,7 +255,7 @@ def _calibrate_and_save(
     logger.set_tags({"target_reached": str(reached).lower(), "kind": "early-exit"})
     for path in (csv_path, png_path, output / EXIT_CONFIG_FILE):
         logger.log_artifact(path)
-    model_uri = logger.log_model(output, registered_name=cfg.run.name) if cfg.run.register_model else None
+    model_uri = _register(logger, cfg, output, model, chosen) if cfg.run.register_model else None
     logger.close()
     summary.update(
         model_dir=str(output.resolve()), calibration_csv=str(csv_path.resolve()),
@@ -260,6 +263,24 @@ def _calibrate_and_save(
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _register(
+    logger: RunLogger, cfg: EarlyExitConfig, output: Path, model: EarlyExitGPT, chosen: Mapping[str, float]
+) -> str | None:
+    """The early-exit model in `output` as a new registry version. Its val_loss is the loss of the early-exit
+    predictions on the held-out windows (log perplexity), so `champion` is the variant that predicts best with its
+    exits."""
+    note = (
+        f"Exits after block {model.exit_layer} of {model.config.n_layer} where the exit classifier's confidence"
+        f" reaches tau = {model.threshold:g}: on held-out text {chosen['exit_rate']:.1%} of the tokens exit, the"
+        f" next-token agreement with the full model is {chosen['agreement']:.4f} and the perplexity"
+        f" {chosen['perplexity']:.4g} (full model: {chosen['perplexity_full']:.4g}). The card below is the base"
+        f" model's ({cfg.model.source})."
+    )
+    tags = {"val_loss": math.log(chosen["perplexity"]), "base_model": cfg.model.source,
+            "exit_layer": model.exit_layer, "tau": model.threshold, "exit_rate": chosen["exit_rate"]}
+    return logger.log_model(output, "early-exit", registered_name=cfg.run.registered_model, note=note, tags=tags)
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

@@ -67,7 +67,8 @@ class RunSection:
     root: str = "runs"
     tracking_uri: str | None = None  # MLflow; default: $MLFLOW_TRACKING_URI, else the local server
     max_failures: int = 0
-    register_model: bool = True  # register the early-exit model in MLflow under run.name
+    register_model: bool = True  # register the early-exit model in MLflow (as registered_model)
+    registered_model: str | None = None  # MLflow registered model name; None: gpt2-<name>-<kind> (cluster/registry.py)
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,8 @@ def log_evaluation(
         logger = RunLogger(results_file.parent / "mlflow" / run_name, experiment="evaluate", run_name=run_name,
                            uri=uri, params=dict(params or {}))
     logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
+    if run_dir is not None:  # the model versions registered from that run get the HellaSwag figures as tags
+        logger.tag_model_versions(metrics)
     logger.log_artifact(results_file, "eval")
     logger.close()
     return f"run {logger.run_id}" if logger.run_id else f"(server unreachable; kept in {logger.jsonl})"

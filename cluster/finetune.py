@@ -391,7 +391,7 @@ def finish_run(cfg: FinetuneConfig, lr: float, search: SearchResult | None, trac
         logger.set_tags({"lr_search_best_lr": str(search.best_lr)})
     if cfg.train.mode == "lora":
         logger.log_artifact(run_dir / "best_adapters", "adapters")
-    model_uri = logger.log_model(best, registered_name=cfg.run.name)
+    model_uri = logger.log_model(best, "finetuned", registered_name=cfg.run.registered_model)
     logger.close()
     return {"best_dir": str(best), "samples": samples, "model_uri": model_uri, "lr": lr, "run_id": logger.run_id}
 

@@ -95,6 +95,7 @@ class RunSection:
     root: str = "runs"
     tracking_uri: str | None = None
     max_failures: int = 1
+    registered_model: str | None = None  # MLflow registered model name; None: gpt2-<name>-<kind> (cluster/registry.py)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ def local_model_dir(source: str) -> str:
 
 def load_model(source: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """A checkpoint directory of this project, a Hugging Face GPT-2 directory or hub name, or an MLflow model URI
-    (models:/NAME/VERSION, runs:/RUN_ID/PATH). A directory holding an exit classifier (early_exit.json, written by
-    jobs/train_early_exit.py) loads as an EarlyExitGPT, which generates like a GPT and counts its exits."""
+    (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH). A directory holding an exit classifier
+    (early_exit.json, written by jobs/train_early_exit.py) loads as an EarlyExitGPT, which generates like a GPT and
+    counts its exits."""
     directory = local_model_dir(source)
     if (Path(directory) / EXIT_CONFIG_FILE).is_file():
         return load_early_exit(directory, device=device, dtype=dtype).eval()

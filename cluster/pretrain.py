@@ -197,7 +197,8 @@ def _finish(model: GPT, cfg: PretrainConfig, logger: RunLogger, run: storage.Run
     logger.log_artifact(png)
     logger.log_artifact(run_dir / "metrics.jsonl")
     logger.log_text(render_model_card(model.config, **card), "README.md")
-    logger.log_model(final, registered_name=cfg.run.name)
+    logger.log_model(final, "pretrained", registered_name=cfg.run.registered_model,
+                     tags={"tokens_seen": card["training"]["tokens_seen"]})
     logger.close()
     run.push("final", "loss.png", "samples", *RUN_STATE)
 

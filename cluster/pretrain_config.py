@@ -65,6 +65,7 @@ class RunSection:
     root: str = "runs"  # runs/<experiment>/<name>/ ; on a multi-node cluster shared storage or an s3:// / gs:// URI
     max_failures: int = 2  # worker-group restarts from the newest checkpoint before giving up
     tracking_uri: str | None = None  # MLflow; default: $MLFLOW_TRACKING_URI, else the local server
+    registered_model: str | None = None  # MLflow registered model name; None: gpt2-<name>-<kind> (cluster/registry.py)
 
 
 @dataclass(frozen=True)

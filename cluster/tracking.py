@@ -19,7 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 RETRY_SECONDS = 30.0
@@ -227,17 +227,37 @@ class RunLogger:
         for k, v in tags.items():
             self._try(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
 
-    def log_model(self, model_dir: str | Path, registered_name: str | None = None) -> str | None:
-        """Log a checkpoint directory as an MLflow model (name "model") and register a version; returns its URI."""
+    def log_model(
+        self,
+        model_dir: str | Path,
+        kind: str,
+        *,
+        registered_name: str | None = None,
+        note: str | None = None,
+        tags: Mapping[str, object] | None = None,
+    ) -> str | None:
+        """Log a checkpoint directory as an MLflow model (name "model") and register it as a new version of
+        `registered_name`, by default gpt2-<run name>-<kind> (see cluster/registry.py for kind, note and tags).
+        Returns models:/NAME/VERSION, or None while the server is unreachable."""
         if not self._connect():
             return None
         try:
             from cluster.mlflow_model import log_checkpoint_model
+            from cluster.registry import default_name
 
-            return log_checkpoint_model(self.uri, self.run_id, model_dir, registered_name)
+            run_name = self.run_name or self.client.get_run(self.run_id).info.run_name  # a resumed run has no name
+            name = registered_name or default_name(run_name, kind)
+            return log_checkpoint_model(self.uri, self.run_id, model_dir, name, kind=kind, note=note, tags=tags)
         except Exception as e:
             self._offline(e)
             return None
+
+    def tag_model_versions(self, metrics: Mapping[str, float]) -> None:
+        """Add the registry's figures among `metrics` (an evaluation measured after registration) to the versions
+        registered from this run."""
+        from cluster.registry import tag_versions_of_run
+
+        self._try(lambda: tag_versions_of_run(self.client, self.run_id, metrics))
 
     def _try(self, fn) -> None:
         if not self._backing_off(force=False) and self._connect():
@@ -262,19 +282,23 @@ def run_tags(run_name: str, num_workers: int, use_gpu: bool) -> dict[str, str]:
 
     import ray
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     return {
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "ray_job_id": ray.get_runtime_context().get_job_id() if ray.is_initialized() else "",
         "run_name": run_name,
         "hardware": f"{num_workers}x {'GPU' if use_gpu else 'CPU'} ({platform.machine()})",
     }
+
+
+def git_commit() -> str:
+    """The commit of this checkout, or "" where it is not a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

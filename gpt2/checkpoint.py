@@ -160,6 +160,16 @@ def hf_tokenizer_files(config: GPTConfig) -> dict[str, bytes]:
     }
 
 
+def add_tokenizer_files(directory: str | os.PathLike) -> list[str]:
+    """Write the tokenizer and generation files that a model directory lacks (one saved before checkpoints carried
+    them, or a hub download without them); the files it has are kept. Returns the names written."""
+    directory = Path(directory)
+    missing = {n: d for n, d in hf_tokenizer_files(read_config(directory)).items() if not (directory / n).exists()}
+    for name, data in missing.items():
+        (directory / name).write_bytes(data)
+    return sorted(missing)
+
+
 def _json_bytes(d: dict) -> bytes:
     return (json.dumps(d, indent=2) + "\n").encode()
 

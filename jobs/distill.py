@@ -8,7 +8,7 @@ decode speed.
 
 teacher.source is a checkpoint directory, a Hugging Face GPT-2 directory or hub name, or an MLflow model URI; the
 student is built from a pretraining `model` section (a preset with optional shape overrides). The student is
-written to runs/<experiment>/<name>/final (with a model card) and registered in MLflow under run.name; the
+written to runs/<experiment>/<name>/final (with a model card) and registered in MLflow as gpt2-<run.name>-distilled; the
 comparison goes to comparison.csv/.md beside it. Re-running the same run.name on Ray resumes from the newest
 checkpoint; --in-process runs keep no intermediate checkpoints.
 """

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="SPEC",
                         help="a checkpoint directory of this project, a Hugging Face GPT-2 directory or hub name, "
-                             "or an MLflow model URI (models:/NAME/VERSION); repeat to compare several models")
+                             "or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS); repeat to compare"
+                             " several models")
     data = parser.add_argument_group("data")
     data.add_argument("--hellaswag", metavar="PATH",
                       help="HellaSwag jsonl file; default: the official validation set, downloaded into --cache-dir "

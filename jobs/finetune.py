@@ -7,8 +7,8 @@
 
 The model is a checkpoint of this project, a Hugging Face GPT-2 directory or an MLflow model URI (model.source).
 The best epoch's model is written to <run>/best (LoRA: merged, with the adapters in <run>/best_adapters),
-registered in MLflow under run.name, and sampled; the search table is printed and saved as CSV. Re-running a
-search whose driver died resumes it.
+registered in MLflow as gpt2-<run.name>-finetuned, and sampled; the search table is printed and saved as CSV.
+Re-running a search whose driver died resumes it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from gpt2.tokenizer import IncrementalDecoder
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint dir, Hugging Face dir or name (gpt2), or MLflow URI (models:/NAME/1)")
+    src.add_argument("--model", help="checkpoint dir, Hugging Face dir or name (gpt2), or MLflow URI (models:/NAME/1,"
+                                     " models:/NAME@champion)")
     src.add_argument("--preset", help="a freshly initialised model of this preset (tiny, small, gpt2, ...)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="one prompt per line; '-' reads stdin")

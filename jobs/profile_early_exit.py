@@ -1,7 +1,7 @@
 """Profile an early-exit model against its own backbone: layer-wise time and memory, decode speed and quality.
 
   python jobs/profile_early_exit.py --model runs/early-exit/local/model --shards data/pydocs
-  python jobs/profile_early_exit.py --model models:/local/1 --shards data/pydocs \
+  python jobs/profile_early_exit.py --model models:/gpt2-local-early-exit@champion --shards data/pydocs \
       --hellaswag hellaswag_val.jsonl --limit 500
 
 The standard model is the early-exit model's backbone (the same weights, every block for every token), so the two

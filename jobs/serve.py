@@ -1,7 +1,7 @@
 """Deploy the GPT-2 Serve application (OpenAI-compatible API + comparison page) onto a Ray cluster, then return.
 
     python jobs/serve.py                                  # serve/config.yaml onto the running cluster
-    python jobs/serve.py --variant mine=runs/pretrain/x/final --variant base=models:/local/1
+    python jobs/serve.py --variant mine=runs/pretrain/x/final --variant base=models:/gpt2-local-pretrained@champion
     python jobs/serve.py --blocking                       # stay in the foreground; Ctrl-C removes the application
     GPT2_API_KEY=... python jobs/serve.py                 # the API then needs `Authorization: Bearer <key>`
 

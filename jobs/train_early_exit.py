@@ -11,7 +11,7 @@ the full model's next token); the classifier trains on them; thresholds tau are 
 rate whose agreement reaches calibration.target_agreement (default 0.97) becomes the saved default. If none does,
 the most accurate tau is saved and the job warns. The model goes to runs/<experiment>/<name>/model: a copy of the
 base checkpoint plus early_exit.json and early_exit.safetensors, which the server loads as an early-exit variant;
-everything is logged to MLflow and the model is registered under run.name.
+everything is logged to MLflow and the model is registered as gpt2-<run.name>-early-exit.
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def test_distillation_in_process(data, mlflow_server, tmp_path):
     assert losses[-1].value < losses[0].value
     assert {"val_loss", "teacher_val_loss", "student/perplexity", "teacher/perplexity", "speedup"} <= set(run.data.metrics)
     assert {"loss.png", "comparison.md", "README.md"} <= artifact_names(client, run)
-    assert client.search_model_versions("name='distill-test'")
+    assert client.search_model_versions("name='gpt2-distill-test-distilled'")
 
 
 def test_distillation_rejects_bad_configs(data, tmp_path, capsys):
@@ -328,4 +328,4 @@ def test_distill_on_ray_train_matches_the_in_process_loop(ray_session, data, mlf
     assert math.isfinite(student.perplexity) and student.parameters < teacher.parameters
     client, run = mlflow_run(mlflow_server, "distill", "distill-ray")
     assert run.data.tags["kind"] == "distill" and "student/perplexity" in run.data.metrics
-    assert client.search_model_versions("name='distill-ray'")
+    assert client.search_model_versions("name='gpt2-distill-ray-distilled'")

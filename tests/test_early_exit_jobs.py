@@ -182,7 +182,7 @@ def test_ray_train_job_two_workers_registers_an_early_exit_variant(
     summary = run(cfg)
     assert summary["train_positions"] == 8 * 16 * T  # rank 0's share; the other worker had as many
     assert 1 - summary["classifier_val_accuracy"] < (1 - summary["majority_baseline"]) / 2, summary
-    assert summary["model_uri"] == "models:/on-ray/1"
+    assert summary["model_uri"] == "models:/gpt2-on-ray-early-exit/1"
     registered = load_model(summary["model_uri"])
     assert isinstance(registered, EarlyExitGPT) and registered.threshold == summary["tau"]
     run_data = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"]).data

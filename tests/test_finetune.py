@@ -64,7 +64,7 @@ def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
     assert len(children) == 3 and all("val_loss" in c.data.metrics for c in children)
     final = client.get_run(summary["run_id"])
     assert final.data.params["lr"] == "0.003" and "val_loss" in final.data.metrics
-    assert client.search_model_versions("name='searched'")  # the fine-tuned model is registered
+    assert client.search_model_versions("name='gpt2-searched-finetuned'")  # the fine-tuned model is registered
     assert model.config.n_layer == 2
 
 

@@ -10,6 +10,7 @@ import transformers
 
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2 import tokenizer as tok_module
+from gpt2.checkpoint import add_tokenizer_files
 from gpt2.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, bpe_files
 
 TOKENIZER_FILES = {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
@@ -85,6 +86,12 @@ def test_a_checkpoint_without_tokenizer_files_still_loads(checkpoint, tmp_path):
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
         assert torch.equal(back(idx)[0], model(idx)[0])
+
+    # The jobs that copy such a base (the early-exit model's) add what it lacks and keep what it has.
+    (old / "vocab.json").write_bytes((directory / "vocab.json").read_bytes())
+    assert add_tokenizer_files(old) == sorted(TOKENIZER_FILES - {"vocab.json"})
+    assert all((old / n).read_bytes() == (directory / n).read_bytes() for n in TOKENIZER_FILES)
+    assert add_tokenizer_files(old) == []
 
 
 def test_tampered_bpe_data_is_never_copied_into_a_checkpoint(tmp_path, monkeypatch):

@@ -100,6 +100,8 @@ def test_the_registered_mlflow_model_carries_the_card(tmp_path, mlflow_server):
     model.save_pretrained(tmp_path / "final", extra=lambda d: (d / CARD_FILE).write_text(text))
     client = mlflow.MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("model-card-test"))
-    uri = log_checkpoint_model(mlflow_server, run.info.run_id, tmp_path / "final", "model-card-tiny")
+    uri = log_checkpoint_model(mlflow_server, run.info.run_id, tmp_path / "final", "model-card-tiny",
+                               kind="pretrained")
     downloaded = checkpoint_dir_of(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=mlflow_server))
     assert (downloaded / CARD_FILE).read_text() == text
+    assert client.get_model_version("model-card-tiny", uri.rsplit("/", 1)[1]).description.endswith(text)

@@ -27,6 +27,21 @@ def tiny_pipeline(tmp_path, port: int) -> PipelineConfig:
     ])
 
 
+def assert_one_registered_model_per_kind(uri: str, early_exit_versions: int) -> None:
+    """Each stage's model is a version of its own registered model, with its figures as tags and a champion."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for kind, versions in (("pretrained", 1), ("finetuned", 1), ("early-exit", early_exit_versions)):
+        model = client.get_registered_model(f"gpt2-tiny-{kind}")
+        assert model.aliases["champion"] in {str(v) for v in range(1, versions + 1)}
+        version = client.get_model_version(model.name, str(versions))
+        assert version.tags["kind"] == kind and float(version.tags["val_loss"]) > 0 and version.tags["git_commit"]
+        assert version.description.startswith(f"A `{kind}` GPT-2 model from MLflow run")
+    pretrained = client.get_model_version("gpt2-tiny-pretrained", "1")
+    assert pretrained.tags["tokens_seen"] == "256" and "hellaswag_acc_norm" in pretrained.tags  # the evaluate stage's
+
+
 def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, tmp_path):
     from ray import serve as ray_serve
 
@@ -43,6 +58,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, 
         assert served["sample"].startswith("The Python language reference")
         table = summary_table(first)
         assert "fine-tune learning rate" in table and "early exit" in table
+        assert_one_registered_model_per_kind(mlflow_server, early_exit_versions=1)
 
         again = run_pipeline(cfg, tracking_uri=mlflow_server)
         assert [s for s, r in again.results.items() if not r.cached] == ["serve"]  # serving is always redeployed
@@ -50,6 +66,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, 
 
         later = run_pipeline(cfg, from_stage="early_exit", tracking_uri=mlflow_server)
         assert [s for s, r in later.results.items() if not r.cached] == ["early_exit", "serve"]
+        assert_one_registered_model_per_kind(mlflow_server, early_exit_versions=2)
         with pytest.raises(ValueError, match="choose one of"):
             run_pipeline(cfg, from_stage="nope")
     finally:

@@ -102,7 +102,7 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
     assert len(client.get_metric_history(run_id, "val_loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss.png", "metrics.jsonl", "README.md"} <= artifacts
-    versions = client.search_model_versions(f"name='{cfg.run.name}'")
+    versions = client.search_model_versions(f"name='gpt2-{cfg.run.name}-pretrained'")
     assert len(versions) == 1
 
 
