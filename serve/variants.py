@@ -25,6 +25,7 @@ from cluster.ray_env import PROJECT_ROOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 QUANTIZE = ("none", "int8", "nf4")
+PACKING_BATCH_HINT = 16  # rows per decoding step oneDNN lays packed weights out for: the engine's default max_batch
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,10 @@ def load_variant(spec: VariantSpec, device: torch.device):
         if not isinstance(model, GPT):  # an early-exit model: its classifier was calibrated on unquantized blocks
             raise ValueError(f"variant {spec.name!r}: quantize nf4 applies to a plain checkpoint, not {spec.source}")
         model = quantize_nf4(model, device=device)
+    if device.type == "cpu":
+        from gpt2.packed_linear import pack_linears
+
+        # The backbone's float linears in oneDNN's layout: a batched decoding step is 2-4x faster in fp32 on CPU.
+        # Not the early-exit classifier, whose dtype is read from its weight.
+        pack_linears(getattr(model, "base", model), batch_hint=PACKING_BATCH_HINT)
     return model.eval()
