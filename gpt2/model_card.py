@@ -55,10 +55,7 @@ def render_model_card(
     """
     transformers_ok = loads_in_transformers(config)
     title = name or "GPT-2 model"
-    lines = ["---", "tags: [gpt2, text-generation, causal-lm]"]
-    if transformers_ok:
-        lines.append("library_name: transformers")
-    lines += ["---", "", f"# {title}", ""]
+    lines = [front_matter(hub_metadata(config, evaluation, title, methods)), "", f"# {title}", ""]
     lines += [
         f"A {_human(params)}-parameter GPT-2 language model trained with this project (GPT-2 on Ray).",
         "It uses the GPT-2 BPE tokenizer (tiktoken `gpt2`, 50,257 tokens, `<|endoftext|>` = 50256).",
@@ -89,10 +86,13 @@ def render_model_card(
               "print(enc.decode(tokens))", "```", "", "or from the command line:", "", "```bash",
               f'python jobs/generate.py --model {load_path} --prompt "Once upon a time" --max-tokens 50', "```", ""]
     if transformers_ok:
-        lines += ["With Hugging Face `transformers` (the directory holds no tokenizer files; it is GPT-2's):", "",
-                  "```python", "from transformers import GPT2LMHeadModel, GPT2TokenizerFast", "",
+        lines += ["With Hugging Face `transformers` (the directory holds GPT-2's tokenizer files too):", "",
+                  "```python", "from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline", "",
                   f'model = GPT2LMHeadModel.from_pretrained("{load_path}")',
-                  'tokenizer = GPT2TokenizerFast.from_pretrained("openai-community/gpt2")', "```"]
+                  f'tokenizer = AutoTokenizer.from_pretrained("{load_path}")',
+                  'generator = pipeline("text-generation", model=model, tokenizer=tokenizer)',
+                  'print(generator("Once upon a time", max_new_tokens=50, do_sample=False)[0]["generated_text"])',
+                  "```"]
     else:
         architecture = hf_config_dict(config)["architectures"][0]
         lines.append(
@@ -101,6 +101,59 @@ def render_model_card(
             " of running it wrong). Load it with this project."
         )
     return "\n".join(lines) + "\n"
+
+
+# Where the Hub's model-index puts each metric this project records: (dataset name, dataset type, split, metric
+# type, metric name). Other metrics go under the run's own validation data.
+_HUB_METRICS = {
+    "hellaswag_acc": ("HellaSwag", "Rowan/hellaswag", "validation", "accuracy", "accuracy (completion scoring)"),
+    "hellaswag_acc_norm": ("HellaSwag", "Rowan/hellaswag", "validation", "accuracy",
+                           "accuracy, length-normalised (completion scoring)"),
+}
+
+
+def hub_metadata(
+    config: GPTConfig, evaluation: Mapping[str, float], name: str, methods: Mapping[str, str] | None = None
+) -> dict:
+    """The card's YAML metadata as the Hugging Face Hub reads it: tags, library, pipeline and the measured metrics
+    in `model-index` form. Models transformers cannot load are not declared as transformers models."""
+    meta: dict = {"tags": ["gpt2", "text-generation", "causal-lm", "gpt2-on-ray"], "pipeline_tag": "text-generation"}
+    if loads_in_transformers(config):
+        meta["library_name"] = "transformers"
+    else:
+        meta["tags"].append("needs-gpt2-on-ray")
+    results: dict[tuple, list] = {}
+    described = {**DEFAULT_METHODS, **(methods or {})}
+    for key, value in evaluation.items():
+        dataset, dataset_type, split, metric_type, metric_name = _HUB_METRICS.get(
+            key, ("validation data of the training run", "custom", "validation", key, described.get(key, key))
+        )
+        results.setdefault((dataset, dataset_type, split), []).append(
+            {"type": metric_type, "name": metric_name, "value": float(value)}
+        )
+    if results:
+        meta["model-index"] = [{"name": name, "results": [
+            {"task": {"type": "text-generation", "name": "Text Generation"},
+             "dataset": {"name": d, "type": t, "split": sp}, "metrics": metrics}
+            for (d, t, sp), metrics in results.items()
+        ]}]
+    return meta
+
+
+def front_matter(meta: Mapping[str, object]) -> str:
+    """YAML front matter holding `meta`; each value is written as JSON, which YAML reads as it is (and which keeps
+    this module free of a YAML writer)."""
+    return "\n".join(["---", *(f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in meta.items()), "---"])
+
+
+def split_front_matter(card: str) -> tuple[str, str]:
+    """(the YAML between the opening and closing `---` lines, the rest); ("", card) when the card has none."""
+    if card.startswith("---\n"):
+        end = card.find("\n---", 3)
+        if end != -1:
+            rest = card[end + 4 :]
+            return card[4:end], rest[1:] if rest.startswith("\n") else rest
+    return "", card
 
 
 def write_model_card(directory: str | os.PathLike, config: GPTConfig | None = None, **card) -> Path:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 import torch
 
 from cluster.config import load
 from cluster.pretrain import _card_fields
 from cluster.pretrain_config import PretrainConfig
 from gpt2 import GPT, preset
-from gpt2.model_card import CARD_FILE, loads_in_transformers, render_model_card, shards_description, write_model_card
+from gpt2.model_card import (
+    CARD_FILE,
+    loads_in_transformers,
+    render_model_card,
+    shards_description,
+    split_front_matter,
+    write_model_card,
+)
 
 TRAINING = {"data": "python-docs: 400,000 training tokens", "tokens_seen": 1_048_576, "optimizer_steps": 8}
 
@@ -24,7 +32,8 @@ def card(config, **overrides) -> str:
 def test_card_describes_model_training_and_results_with_their_method():
     text = card(preset("tiny"), name="tiny-demo", methods={"val_loss": "cross-entropy on 4 validation batches"},
                 recipe={"max_lr": 6e-4, "warmup_steps": 715})
-    assert text.startswith("---\n") and "library_name: transformers" in text and "# tiny-demo" in text
+    header, body = split_front_matter(text)
+    assert yaml.safe_load(header)["library_name"] == "transformers" and body.startswith("\n# tiny-demo")
     for row in ("| parameters | 123,456 (123.5K;", "| layers | 2 |", "| attention heads | 2 |", "| embedding width | 64 |",
                 "| context length | 128 tokens |", "| LayerNorm | Pre-LN (GPT-2) |",
                 "| tokens seen | 1,048,576 (1.0M) |", "| optimizer steps | 8 |",

@@ -1,0 +1,61 @@
+"""jobs/export.py: a directory the Hugging Face Hub takes as it is, which transformers loads offline, with a card
+whose YAML header parses and carries the measured metrics."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from gpt2 import GPT, preset
+from gpt2.model_card import split_front_matter, write_model_card
+from tests.job_loader import ROOT
+
+
+def _export(source, target, *extra):
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/export.py"), "--model", str(source), "--to", str(target),
+                          *extra], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _header(directory):
+    header, body = split_front_matter((directory / "README.md").read_text())
+    return yaml.safe_load(header), body
+
+
+def test_export_loads_in_transformers_offline_with_the_hub_metadata(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "run")
+    write_model_card(tmp_path / "run", params=model.num_params(), training={"steps": 10},
+                     evaluation={"val_loss": 5.25, "hellaswag_acc_norm": 0.3125}, name="tiny-run")
+    _export(tmp_path / "run", tmp_path / "hub", "--license", "apache-2.0", "--dataset", "HuggingFaceFW/fineweb-edu")
+
+    hub = tmp_path / "hub"
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+            "special_tokens_map.json", "generation_config.json", "README.md"} <= {p.name for p in hub.iterdir()}
+    meta, body = _header(hub)
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    metrics = {m["type"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics == {"val_loss": 5.25, "accuracy": 0.3125} and "# tiny-run" in body
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hub, local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hub, local_files_only=True)
+    ids = tok("Hello world", return_tensors="pt").input_ids
+    assert ids.tolist() == [[15496, 995]]
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0][..., : model.config.vocab_size], atol=1e-5)
+
+
+def test_a_model_transformers_cannot_run_says_it_needs_this_project(tmp_path):
+    torch.manual_seed(0)
+    GPT(preset("tiny", norm="post")).save_pretrained(tmp_path / "post")  # no card of its own: one is written
+    _export(tmp_path / "post", tmp_path / "hub")
+    meta, body = _header(tmp_path / "hub")
+    assert "library_name" not in meta and "needs-gpt2-on-ray" in meta["tags"] and meta["license"] == "mit"
+    assert "cannot load this model" in body
+    assert GPT.from_pretrained(str(tmp_path / "hub")).config.norm == "post"
