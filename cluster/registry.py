@@ -94,10 +94,10 @@ def model_card(model_dir: Path, title: str, tags: Mapping[str, str]) -> str:
 
     from gpt2 import GPT
     from gpt2.checkpoint import read_config
-    from gpt2.model_card import CARD_FILE, render_model_card
+    from gpt2.model_card import CARD_FILE, render_model_card, split_front_matter
 
-    if (model_dir / CARD_FILE).is_file():
-        return (model_dir / CARD_FILE).read_text(encoding="utf-8")
+    if (model_dir / CARD_FILE).is_file():  # without its YAML header, which is for the Hub, not for readers
+        return split_front_matter((model_dir / CARD_FILE).read_text(encoding="utf-8"))[1].lstrip("\n")
     config = read_config(model_dir)
     with torch.device("meta"):  # the parameter count without allocating the weights
         params = GPT(config).num_params()
@@ -105,7 +105,8 @@ def model_card(model_dir: Path, title: str, tags: Mapping[str, str]) -> str:
     if "tokens_seen" in tags:
         training["tokens_seen"] = int(tags["tokens_seen"])
     evaluation = {k: float(tags[k]) for k in ("val_loss", "hellaswag_acc", "hellaswag_acc_norm") if k in tags}
-    return render_model_card(config, params=params, training=training, evaluation=evaluation, name=title)
+    card = render_model_card(config, params=params, training=training, evaluation=evaluation, name=title)
+    return split_front_matter(card)[1].lstrip("\n")
 
 
 def update_champion(client: MlflowClient, name: str, newest: str) -> str:

@@ -28,6 +28,7 @@ from cluster.registry import CHAMPION, default_name
 from cluster.tracking import RunLogger, free_port
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.generate import generate
+from gpt2.model_card import split_front_matter
 from gpt2.model_card import write_model_card
 from tests.job_loader import load_job
 
@@ -95,7 +96,9 @@ def test_one_registered_model_per_kind_with_card_tags_and_aliases(registry, mlfl
         }
         first_line, card = version.description.split("\n\n", 1)
         assert first_line == f"A `pretrained` GPT-2 model from MLflow run `registry-test/reg` (run id `{run_id}`)."
-        assert card == (final / "README.md").read_text()
+        # The card without its YAML header (metadata for the Hub, not for a reader of the registry).
+        assert card == split_front_matter((final / "README.md").read_text())[1].lstrip("\n")
+        assert not card.startswith("---") and card.startswith("# ")
 
     run_id, _ = registry["finetune"]
     finetuned = client.get_model_version(FINETUNED, "1")
