@@ -55,7 +55,10 @@ class GPT2TextModel(mlflow.pyfunc.PythonModel):
         from gpt2.generate import generate
 
         options = {spec.name: spec.default for spec in SIGNATURE.params.params} | dict(params or {})
-        rows = [self.enc.encode_ordinary(str(p)) for p in model_input.iloc[:, 0]]
+        from gpt2.config import EOT_TOKEN
+
+        # An empty prompt starts from end-of-text, as a new document does (generation needs one token to start).
+        rows = [self.enc.encode_ordinary(str(p)) or [EOT_TOKEN] for p in model_input.iloc[:, 0]]
         new = generate(
             self.model, rows, int(options["max_tokens"]), temperature=float(options["temperature"]),
             top_k=options["top_k"] or None, top_p=options["top_p"], seed=options["seed"],

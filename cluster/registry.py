@@ -112,8 +112,9 @@ def model_card(model_dir: Path, title: str, tags: Mapping[str, str]) -> str:
 def update_champion(client: MlflowClient, name: str, newest: str) -> str:
     """Point `champion` at the version with the lowest val_loss tag (of equal losses the newest; `newest` while no
     version has one). Returns the champion's version."""
-    measured = [(float(v.tags["val_loss"]), -int(v.version), v.version)
-                for v in client.search_model_versions(f"name='{name}'") if "val_loss" in v.tags]
+    measured = [(loss, -int(v.version), v.version)
+                for v in client.search_model_versions(f"name='{name}'")
+                if (loss := _finite(v.tags.get("val_loss"))) is not None]  # a diverged or hand-edited tag never wins
     champion = min(measured)[2] if measured else newest
     client.set_registered_model_alias(name, CHAMPION, champion)
     return champion
@@ -140,6 +141,14 @@ def _tags(client: MlflowClient, run: Run, kind: str, given: Mapping[str, object]
         **given,
     }
     return {key: _tag_value(value) for key, value in tags.items() if value is not None}
+
+
+def _finite(text: str | None) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _tag_value(value: object) -> str:

@@ -249,7 +249,9 @@ class RunLogger:
             name = registered_name or default_name(run_name, kind)
             return log_checkpoint_model(self.uri, self.run_id, model_dir, name, kind=kind, note=note, tags=tags)
         except Exception as e:
-            self._offline(e)
+            # Not retried later (unlike metrics): say that the model is unregistered, and why, whatever the cause.
+            print(f"WARNING: the model in {model_dir} was not logged or registered in MLflow at {self.uri}:"
+                  f" {type(e).__name__}: {e}", file=sys.stderr)
             return None
 
     def tag_model_versions(self, metrics: Mapping[str, float]) -> None:

@@ -22,7 +22,7 @@ import yaml
 
 from cluster.models import load_model, local_model_dir
 from gpt2 import GPT
-from gpt2.checkpoint import save_pretrained
+from gpt2.checkpoint import CheckpointError, save_pretrained
 from gpt2.model_card import CARD_FILE, front_matter, hub_metadata, render_model_card, split_front_matter
 
 
@@ -30,14 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or name, or MLflow model URI")
     p.add_argument("--to", required=True, type=Path, help="the directory to write (replaced as a whole if it exists)")
-    p.add_argument("--license", default="mit", help="the Hub license id in the card's metadata (default: mit)")
+    p.add_argument("--license", help="the Hub license id in the card's metadata (default: the card's own, else mit)")
     p.add_argument("--dataset", action="append", default=[], metavar="HUB_ID",
                    help="a dataset the model was trained on, as a Hub id (repeatable)")
-    p.add_argument("--name", help="the model's name in the card (default: the name of --to)")
+    p.add_argument("--name", help="the model's name in model-index, a new card's title and the upload hint"
+                                  " (default: the name of --to)")
     return p.parse_args(argv)
 
 
-def hub_card(source_dir: Path, model: GPT, name: str, license: str, datasets: list[str]) -> str:
+def hub_card(source_dir: Path, model: GPT, name: str, license: str | None, datasets: list[str]) -> str:
     """The model's card with the Hub's metadata in front: its own card (keeping the metadata it has, such as the
     model-index of its evaluation), else a new card without figures."""
     existing = source_dir / CARD_FILE
@@ -56,7 +57,9 @@ def hub_card(source_dir: Path, model: GPT, name: str, license: str, datasets: li
         meta[key] = value
     if "library_name" not in hub_metadata(model.config, {}, name):
         meta.pop("library_name", None)  # transformers cannot run this architecture: do not promise it
-    meta["license"] = license
+    meta["license"] = license or meta.get("license") or "mit"
+    for entry in meta.get("model-index") or []:
+        entry["name"] = name
     if datasets:
         meta["datasets"] = datasets
     return front_matter(meta) + "\n" + body
@@ -64,12 +67,16 @@ def hub_card(source_dir: Path, model: GPT, name: str, license: str, datasets: li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    source_dir = Path(local_model_dir(args.model))
-    model = load_model(args.model)
-    if not isinstance(model, GPT):  # an early-exit model: its classifier is this project's own file format
-        print(f"error: {args.model} is an early-exit model; export its base checkpoint (its config.json names it) and"
-              " serve the early-exit model with this project", file=sys.stderr)
+    try:
+        source_dir = Path(local_model_dir(args.model))
+        model = load_model(str(source_dir))  # an MLflow URI is downloaded once, above
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: cannot load --model {args.model}: {e}", file=sys.stderr)
         return 2
+    if not isinstance(model, GPT):  # an early-exit model: its exit classifier is this project's own file format
+        print(f"{args.model} is an early-exit model: exporting its backbone (the directory's weights); the exit"
+              " classifier is served by this project only", file=sys.stderr)
+        model = model.base
     name = args.name or args.to.resolve().name
     card = hub_card(source_dir, model, name, args.license, args.dataset)
     save_pretrained(model, args.to, extra=lambda tmp: (tmp / CARD_FILE).write_text(card, encoding="utf-8"))

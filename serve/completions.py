@@ -154,6 +154,13 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
                     out.append({"event": "finish", "index": other.index, "reason": "length", "stop_reason": None})
             return out
         if wants_prompt_lp and not c.echoed:  # this choice's echo comes with its prompt's scores: wait for them
+            if isinstance(event, Finished) and event.reason in ("error", "cancelled"):
+                # Ended before its prompt was scored (a failed pass, or the model unloaded): no scores will come.
+                c.finished = True
+                if event.reason == "error":
+                    return [{"event": "error", "status": 500, "message": f"generation failed: {event.error}"}]
+                return [{"event": "error", "status": 503, "message": "the model was unloaded before the prompt was"
+                         " scored; try again"}]
             c.held.append(event)
             return []
         if c.finished:

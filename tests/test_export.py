@@ -42,6 +42,7 @@ def test_export_loads_in_transformers_offline_with_the_hub_metadata(tmp_path):
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     metrics = {m["type"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     assert metrics == {"val_loss": 5.25, "accuracy": 0.3125} and "# tiny-run" in body
+    assert meta["model-index"][0]["name"] == "hub"  # the exported name (--name, else the directory's)
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hub, local_files_only=True).eval()
     tok = transformers.AutoTokenizer.from_pretrained(hub, local_files_only=True)
@@ -59,3 +60,10 @@ def test_a_model_transformers_cannot_run_says_it_needs_this_project(tmp_path):
     assert "library_name" not in meta and "needs-gpt2-on-ray" in meta["tags"] and meta["license"] == "mit"
     assert "cannot load this model" in body
     assert GPT.from_pretrained(str(tmp_path / "hub")).config.norm == "post"
+
+
+def test_a_source_that_is_not_a_model_is_named_in_the_error(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/export.py"), "--model", str(tmp_path / "missing"),
+                          "--to", str(tmp_path / "hub")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"cannot load --model {tmp_path / 'missing'}" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "hub").exists()

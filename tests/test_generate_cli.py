@@ -84,7 +84,7 @@ def test_hugging_face_directory_and_mlflow_uri_give_the_checkpoints_text(checkpo
 
     client = mlflow.MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("generate-cli-test"))
-    uri = log_checkpoint_model(mlflow_server, run.info.run_id, checkpoint, "generate-cli-tiny")
+    uri = log_checkpoint_model(mlflow_server, run.info.run_id, checkpoint, "generate-cli-tiny", kind="pretrained")
     from_mlflow = generate("--model", uri, *greedy, env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert from_mlflow.returncode == 0, from_mlflow.stderr
     assert samples(from_mlflow.stdout) == expected

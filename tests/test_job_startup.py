@@ -5,6 +5,7 @@ ray and this project. (No head at all: tests/test_docs.py runs the README's eval
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,33 +37,54 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def token_head():
-    """A Ray head of its own (port, temp dir, process group), with token authentication on, like the one
+    """A Ray head of its own (ports, temp dir, process group), with token authentication on, like the one
     `make demo` starts; stopped by signalling its process group (`ray stop` would stop every Ray on the machine)."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, client, agent = (_free_port() for _ in range(4))
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**_user_env(), "RAY_AUTH_MODE": "token"}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    log = open(Path(temp) / "head.log", "w")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert head.poll() is None, "the test's Ray head exited while starting"
-        time.sleep(1)
-    time.sleep(3)  # the GCS answers before the raylet has registered
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not _answers(port):
+            assert head.poll() is None and time.monotonic() < deadline, (
+                f"the test's Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        time.sleep(3)  # the GCS answers before the raylet has registered
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop_group(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_group(leader: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the leader's whole process group, then SIGKILL to what is left after `timeout`; returns when
+    none is left (the leader is reaped here, or its zombie would keep the group alive)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(leader.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader.poll()
+            try:
+                os.killpg(leader.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
 
 
 def _run(code: str, env: dict[str, str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
