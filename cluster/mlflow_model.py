@@ -52,11 +52,10 @@ class GPT2TextModel(mlflow.pyfunc.PythonModel):
     # pd.DataFrame is the one input hint MLflow takes without inferring a signature of its own (SIGNATURE is the
     # contract) or converting the input; an unannotated predict draws a warning at every import.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        from gpt2.config import EOT_TOKEN
         from gpt2.generate import generate
 
         options = {spec.name: spec.default for spec in SIGNATURE.params.params} | dict(params or {})
-        from gpt2.config import EOT_TOKEN
-
         # An empty prompt starts from end-of-text, as a new document does (generation needs one token to start).
         rows = [self.enc.encode_ordinary(str(p)) or [EOT_TOKEN] for p in model_input.iloc[:, 0]]
         new = generate(

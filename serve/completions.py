@@ -80,6 +80,10 @@ class _Choice:
         self.held: list = []  # this choice's events that arrived before its prompt's scores
 
 
+def _generation_failed(finished) -> dict:
+    return {"event": "error", "status": 500, "message": f"generation failed: {finished.error}"}
+
+
 async def run_completion(engine, req: CompletionRequest, limits: Limits):
     """Events for one request (see ModelServer.complete): submits every choice to the engine, applies stop strings,
     and frees the decoding rows when the consumer goes away or the request's deadline passes."""
@@ -158,7 +162,7 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
                 # Ended before its prompt was scored (a failed pass, or the model unloaded): no scores will come.
                 c.finished = True
                 if event.reason == "error":
-                    return [{"event": "error", "status": 500, "message": f"generation failed: {event.error}"}]
+                    return [_generation_failed(event)]
                 return [{"event": "error", "status": 503, "message": "the model was unloaded before the prompt was"
                          " scored; try again"}]
             c.held.append(event)
@@ -182,7 +186,7 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
         if isinstance(event, Finished):
             c.finished = True
             if event.reason == "error":
-                return [{"event": "error", "status": 500, "message": f"generation failed: {event.error}"}]
+                return [_generation_failed(event)]
             tail = c.text.flush()
             sent = [{"event": "text", "index": c.index, "text": tail}] if tail else []
             reason = "stop" if event.reason == "stop" else "length"
