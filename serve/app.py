@@ -88,8 +88,8 @@ class ModelServer:
         from serve.engine import DecodeEngine
         from serve.variants import load_variant
 
-        model = await asyncio.to_thread(load_variant, self.variants[name], self.device)
         s = self.settings
+        model = await asyncio.to_thread(load_variant, self.variants[name], self.device, max_batch=s.max_batch)
         engine = DecodeEngine(model, max_batch=s.max_batch, max_pending=s.max_pending, prefill_tokens=s.prefill_tokens,
                               name=name)
         self.engines[name] = engine

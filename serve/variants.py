@@ -25,7 +25,6 @@ from cluster.ray_env import PROJECT_ROOT
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 QUANTIZE = ("none", "int8", "nf4")
-PACKING_BATCH_HINT = 16  # rows per decoding step oneDNN lays packed weights out for: the engine's default max_batch
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,9 @@ def parse_variants(raw: dict) -> dict[str, VariantSpec]:
     return specs
 
 
-def load_variant(spec: VariantSpec, device: torch.device):
-    """The model for a variant, ready for inference: a GPT, or an EarlyExitGPT when the directory holds a classifier."""
+def load_variant(spec: VariantSpec, device: torch.device, *, max_batch: int):
+    """The model for a variant, ready for inference: a GPT, or an EarlyExitGPT when the directory holds a classifier.
+    max_batch: the rows its engine decodes together (what packed CPU weights are laid out for)."""
     from gpt2.device import parse_dtype
 
     model = load_model(spec.resolved_source(), device=device, dtype=parse_dtype(spec.dtype, device))
@@ -89,5 +89,5 @@ def load_variant(spec: VariantSpec, device: torch.device):
 
         # The backbone's float linears in oneDNN's layout: a batched decoding step is 2-4x faster in fp32 on CPU.
         # Not the early-exit classifier, whose dtype is read from its weight.
-        pack_linears(getattr(model, "base", model), batch_hint=PACKING_BATCH_HINT)
+        pack_linears(getattr(model, "base", model), batch_hint=max_batch)
     return model.eval()

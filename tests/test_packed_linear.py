@@ -62,5 +62,6 @@ def test_served_variants_are_packed_on_the_cpu(tmp_path):
 
     torch.manual_seed(0)
     GPT(preset("tiny")).save_pretrained(tmp_path / "m")
-    model = load_variant(VariantSpec(name="m", source=str(tmp_path / "m"), dtype="fp32"), torch.device("cpu"))
+    model = load_variant(VariantSpec(name="m", source=str(tmp_path / "m"), dtype="fp32"), torch.device("cpu"),
+                         max_batch=8)
     assert type(model.lm_head) is PackedLinear and not any(type(m) is nn.Linear for m in model.modules())
