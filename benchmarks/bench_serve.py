@@ -227,12 +227,15 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def in_process(model_dir: Path, dtype: str, quantize: str, tokens: int, threads: int, repeats: int) -> float:
+def in_process(
+    model_dir: Path, dtype: str, quantize: str, tokens: int, threads: int, repeats: int, max_batch: int
+) -> float:
     """Tokens/s of `gpt2.generate.generate`, batch 1, greedy, in this process, on the model the server loads."""
     from serve.variants import VariantSpec, load_variant
 
     torch.set_num_threads(threads)
-    model = load_variant(VariantSpec("reference", str(model_dir), dtype=dtype, quantize=quantize), torch.device("cpu"))
+    spec = VariantSpec("reference", str(model_dir), dtype=dtype, quantize=quantize)
+    model = load_variant(spec, torch.device("cpu"), max_batch=max_batch)
     enc = get_tokenizer()
     generate(model, enc.encode(PROMPTS[0]), 4, temperature=0)  # warm-up
     start, produced = time.perf_counter(), 0
@@ -337,13 +340,14 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     if peer_url:
         version = f", version {peer['version']}" if peer.get("version") else ""
         print(f"peer: {peer_url}, model id {peer_model!r}{version}")
+    max_batch = args.max_batch or max(levels)
     print(f"greedy streamed completions, at most {args.tokens} tokens; our server: {args.threads} torch threads, "
-          f"max_batch {args.max_batch or max(levels)}; figures depend on what else runs on the machine", flush=True)
+          f"max_batch {max_batch}; figures depend on what else runs on the machine", flush=True)
 
     repeats = args.reference_repeats
-    reference = {ours_label: in_process(model_dir, args.dtype, "none", args.tokens, args.threads, repeats)}
+    reference = {ours_label: in_process(model_dir, args.dtype, "none", args.tokens, args.threads, repeats, max_batch)}
     if args.int8:
-        reference["ours int8"] = in_process(model_dir, "fp32", "int8", args.tokens, args.threads, repeats)
+        reference["ours int8"] = in_process(model_dir, "fp32", "int8", args.tokens, args.threads, repeats, max_batch)
 
     variants = {OURS: {"source": str(model_dir), "dtype": args.dtype}}
     if args.int8:  # int8 dynamic quantization computes from fp32 weights
@@ -361,7 +365,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     results: list[LevelResult] = []
     stats = None
     try:
-        settings = {"variants": variants, "max_batch": args.max_batch or max(levels), "max_pending": 64,
+        settings = {"variants": variants, "max_batch": max_batch, "max_pending": 64,
                     "torch_threads": args.threads, "model_replica_cpus": 1}
         ray_serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
@@ -405,7 +409,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         "machine": info,
         "checkpoint": str(model_dir),
         "settings": {"dtype": args.dtype, "int8": args.int8, "tokens": args.tokens, "levels": levels,
-                     "requests_per_level": args.requests_per_level, "max_batch": args.max_batch or max(levels),
+                     "requests_per_level": args.requests_per_level, "max_batch": max_batch,
                      "threads": args.threads, "temperature": 0, "stream": True},
         "peer": {"url": peer_url, "model": peer_model, **peer} if peer_url else None,
         "in_process_batch1_tokens_per_s": reference,
