@@ -283,19 +283,24 @@ def log_evaluation(
 ) -> str:
     """Log a model's metrics (as eval/<name>) and the results file to MLflow: into the training run whose checkpoint
     this is (its run directory keeps the MLflow run id), else into a new run `run_name` of the 'evaluate'
-    experiment, kept beside the results file. Returns where they went, for the job's output."""
+    experiment, kept beside the results file. The registered versions of the model (those of its training run, or
+    the one an MLflow URI names) get the figures as tags. Returns where they went, for the job's output."""
+    from cluster.models import is_mlflow_uri
     from cluster.tracking import RunLogger
 
     source = Path(model_source)
-    run_dir = next((d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
+    run_dir = None if is_mlflow_uri(model_source) else next(
+        (d for d in (source.parent, source.parent.parent) if (d / "mlflow_run_id").is_file()), None)
     if run_dir is not None:
         logger = RunLogger(run_dir, uri=uri)  # the training run, resumed from its mlflow_run_id
     else:
         logger = RunLogger(results_file.parent / "mlflow" / run_name, experiment="evaluate", run_name=run_name,
                            uri=uri, params=dict(params or {}))
     logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
-    if run_dir is not None:  # the model versions registered from that run get the HellaSwag figures as tags
+    if run_dir is not None:
         logger.tag_model_versions(metrics)
+    elif is_mlflow_uri(model_source):
+        logger.tag_model_versions(metrics, model_uri=model_source)
     logger.log_artifact(results_file, "eval")
     logger.close()
     return f"run {logger.run_id}" if logger.run_id else f"(server unreachable; kept in {logger.jsonl})"

@@ -182,6 +182,7 @@ def finetune_loop(config: dict) -> None:
             "epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
             "best_val_loss": stopper.best_loss, "best_epoch": (stopper.best_epoch or 0) + 1,
             "epochs_since_best": verdict.epochs_since_best, "stopped_early": float(verdict.should_stop),
+            "tokens_seen": (epoch + 1) * steps_per_epoch * tcfg.total_batch_tokens,
         }
         if logger:
             logger.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
@@ -377,8 +378,11 @@ def write_samples(cfg: FinetuneConfig, model_dir: Path) -> str:
     return "\n".join(pieces)
 
 
-def finish_run(cfg: FinetuneConfig, lr: float, search: SearchResult | None, tracking_uri: str | None) -> dict:
-    """After training: samples, the search table, the registered model, all logged into the fine-tune's MLflow run."""
+def finish_run(
+    cfg: FinetuneConfig, lr: float, search: SearchResult | None, tracking_uri: str | None, last: dict,
+) -> dict:
+    """After training: samples, the search table, the registered model, all logged into the fine-tune's MLflow run.
+    `last`: the metrics of the last epoch, from which the best epoch's token count follows."""
     run_dir = Path(cfg.run_dir()).resolve()
     best = run_dir / "best"
     if not (best / "config.json").is_file():
@@ -391,7 +395,10 @@ def finish_run(cfg: FinetuneConfig, lr: float, search: SearchResult | None, trac
         logger.set_tags({"lr_search_best_lr": str(search.best_lr)})
     if cfg.train.mode == "lora":
         logger.log_artifact(run_dir / "best_adapters", "adapters")
-    model_uri = logger.log_model(best, "finetuned", registered_name=cfg.run.registered_model)
+    # Every epoch trains on the same number of tokens; the exported model is the best epoch's.
+    tokens_seen = int(last["tokens_seen"]) // int(last["epoch"]) * int(last["best_epoch"])
+    model_uri = logger.log_model(best, "finetuned", registered_name=cfg.run.registered_model,
+                                 tags={"tokens_seen": tokens_seen})
     logger.close()
     return {"best_dir": str(best), "samples": samples, "model_uri": model_uri, "lr": lr, "run_id": logger.run_id}
 
@@ -410,7 +417,7 @@ def run(cfg: FinetuneConfig, *, search: bool, tracking_uri: str | None = None) -
     fit = run_finetune(cfg, lr, data_ref, tracking_uri)
     if fit.error:
         raise RuntimeError(f"the fine-tune failed: {fit.error}")
-    summary = finish_run(cfg, lr, result, tracking_uri)
+    summary = finish_run(cfg, lr, result, tracking_uri, fit.metrics)
     summary["search"] = result
     summary["metrics"] = fit.metrics
     return summary

@@ -6,8 +6,9 @@ Names: `gpt2-<run name>-<kind>` (kind: pretrained, finetuned, early-exit, distil
 - a description: one line saying what it is and which run made it, then the model card (the checkpoint's README.md,
   or for a checkpoint written without one, a card rendered from its config and the run's figures);
 - tags: `kind`, `val_loss`, `hellaswag_acc_norm`/`hellaswag_acc`/`hellaswag_examples` once measured (also by a
-  later evaluation of the run's checkpoint), `tokens_seen` where the job knows it, `git_commit`, `source_run` (run
-  id) and `source_run_name` (experiment/run name), plus what the job adds;
+  later evaluation of the run's checkpoint or of a models:/ URI), `tokens_seen` (the tokens the model was trained
+  on by its job), `git_commit`, `source_run` (run id) and `source_run_name` (experiment/run name), plus what the
+  job adds;
 - the alias `champion`, moved on every registration to the version with the lowest `val_loss` (the newest while
   none has one), so `models:/NAME@champion` always names the one to use. The newest version is MLflow's own
   `models:/NAME/latest`: MLflow reserves `latest` as an alias name for that meaning.
@@ -123,12 +124,38 @@ def update_champion(client: MlflowClient, name: str, newest: str) -> str:
 def tag_versions_of_run(client: MlflowClient, run_id: str, metrics: Mapping[str, float]) -> list[ModelVersion]:
     """Add the figures found in `metrics` (an evaluation of the run's model, measured after it was registered) to
     every version registered from run `run_id`."""
+    return _tag_versions(client, lambda: client.search_model_versions(f"run_id='{run_id}'"), metrics)
+
+
+def tag_versions_named_by(client: MlflowClient, uri: str, metrics: Mapping[str, float]) -> list[ModelVersion]:
+    """Add the figures found in `metrics` (an evaluation of the model `uri`) to the version that `uri` names:
+    models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest; for runs:/RUN_ID/PATH the versions registered
+    from that run. Any other URI names no version."""
+    return _tag_versions(client, lambda: versions_named_by(client, uri), metrics)
+
+
+def versions_named_by(client: MlflowClient, uri: str) -> list[ModelVersion]:
+    if uri.startswith("runs:/"):
+        return client.search_model_versions(f"run_id='{uri.removeprefix('runs:/').split('/')[0]}'")
+    if not uri.startswith("models:/"):
+        return []
+    path = uri.removeprefix("models:/").rstrip("/")
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+        return [client.get_model_version_by_alias(name, alias)]
+    name, _, version = path.rpartition("/")
+    if version == "latest":
+        return [max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))]
+    return [client.get_model_version(name, version)]
+
+
+def _tag_versions(client: MlflowClient, versions, metrics: Mapping[str, float]) -> list[ModelVersion]:
     found = figures(metrics)
-    versions = client.search_model_versions(f"run_id='{run_id}'") if found else []
-    for version in versions:
+    tagged = versions() if found else []  # no registry query when there is nothing to tag
+    for version in tagged:
         for key, value in found.items():
             client.set_model_version_tag(version.name, version.version, key, _tag_value(value))
-    return versions
+    return tagged
 
 
 def _tags(client: MlflowClient, run: Run, kind: str, given: Mapping[str, object]) -> dict[str, str]:

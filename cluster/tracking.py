@@ -254,12 +254,15 @@ class RunLogger:
                   f" {type(e).__name__}: {e}", file=sys.stderr)
             return None
 
-    def tag_model_versions(self, metrics: Mapping[str, float]) -> None:
+    def tag_model_versions(self, metrics: Mapping[str, float], model_uri: str | None = None) -> None:
         """Add the registry's figures among `metrics` (an evaluation measured after registration) to the versions
-        registered from this run."""
-        from cluster.registry import tag_versions_of_run
+        registered from this run, or to the version that the MLflow URI `model_uri` names."""
+        from cluster.registry import tag_versions_named_by, tag_versions_of_run
 
-        self._try(lambda: tag_versions_of_run(self.client, self.run_id, metrics))
+        if model_uri:
+            self._try(lambda: tag_versions_named_by(self.client, model_uri, metrics))
+        else:
+            self._try(lambda: tag_versions_of_run(self.client, self.run_id, metrics))
 
     def _try(self, fn) -> None:
         if not self._backing_off(force=False) and self._connect():

@@ -64,7 +64,10 @@ def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
     assert len(children) == 3 and all("val_loss" in c.data.metrics for c in children)
     final = client.get_run(summary["run_id"])
     assert final.data.params["lr"] == "0.003" and "val_loss" in final.data.metrics
-    assert client.search_model_versions("name='gpt2-searched-finetuned'")  # the fine-tuned model is registered
+    [version] = client.search_model_versions("name='gpt2-searched-finetuned'")  # the fine-tuned model is registered
+    # The tokens the exported (best) epoch had trained on: every epoch trains on as many tokens as the last.
+    m = summary["metrics"]
+    assert int(version.tags["tokens_seen"]) == m["tokens_seen"] // m["epoch"] * m["best_epoch"] > 0
     assert model.config.n_layer == 2
 
 

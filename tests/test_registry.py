@@ -138,6 +138,21 @@ def test_an_evaluation_of_the_run_tags_its_versions_with_hellaswag(registry, mlf
     assert tags["val_loss"] == "3"  # the evaluation's text loss is not the validation loss
 
 
+def test_an_evaluation_of_a_registered_uri_tags_that_version(registry, mlflow_server, monkeypatch, tmp_path):
+    """`jobs/evaluate.py --model models:/NAME@ALIAS` tags the version the alias names, and no other."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    champion = client.get_model_version_by_alias(PRETRAINED, CHAMPION).version
+    metrics = {"hellaswag/completion/acc": 0.5, "hellaswag/completion/acc_norm": 0.625, "hellaswag/examples": 16}
+    where = log_evaluation(f"models:/{PRETRAINED}@{CHAMPION}", metrics, results, run_name="eval-uri", uri=mlflow_server)
+    assert where.startswith("run ") and where != f"run {client.get_model_version(PRETRAINED, champion).run_id}"
+    for version in client.search_model_versions(f"name='{PRETRAINED}'"):
+        tagged = version.tags.get("hellaswag_acc_norm") == "0.625"
+        assert tagged == (version.version == champion), version.version
+
+
 def test_the_signature_input_example_and_code_travel_with_the_model(registry, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     uri = f"models:/{PRETRAINED}@{CHAMPION}"
