@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from cluster.models import local_model_dir
-from cluster.tracking import RunLogger
+from cluster.tracking import UPLOADED_FILE, RunLogger
 from gpt2.checkpoint import resolve_hub_name
 from gpt2.generate import stream
 from gpt2.hellaswag import HellaSwagExample, evaluate_hellaswag
@@ -174,7 +174,7 @@ def fresh_run_logger(run_dir: str | Path, **kwargs) -> RunLogger:
     """A RunLogger that starts a new MLflow run: these jobs do not resume, so a previous run's id and metrics in
     `run_dir` are dropped (as the job's other files there are replaced) instead of being continued."""
     run_dir = Path(run_dir)
-    for name in ("mlflow_run_id", "metrics.jsonl"):
+    for name in ("mlflow_run_id", "metrics.jsonl", UPLOADED_FILE):
         (run_dir / name).unlink(missing_ok=True)
     return RunLogger(run_dir, **kwargs)
 

@@ -37,10 +37,10 @@ from cluster.sources import (
 )
 from cluster.storage import download_file
 from gpt2.config import EOT_TOKEN
+from gpt2.durable import PARTIAL_SUFFIX, write_file_atomically
 from gpt2.shards import (
     MANIFEST_NAME,
     MAX_TOKEN_ID,
-    PARTIAL_SUFFIX,
     ShardFormatError,
     ShardInfo,
     ShardWriter,
@@ -251,11 +251,12 @@ def prepare_data(
     fingerprint = _fingerprint(config, source)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER_NAME
     if not overwrite and (existing := _reusable_output(out, fingerprint)) is not None:
+        marker.unlink(missing_ok=True)  # left by a run killed after writing its manifest
         return existing
     _clear_output(out)
-    marker = out / MARKER_NAME
-    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    _write_json(marker, {"fingerprint": fingerprint})
 
     tokenizers = config.tokenizers or default_tokenizers()
     documents = read_documents(
@@ -342,9 +343,11 @@ def _reusable_output(out: Path, fingerprint: str) -> PrepareSummary | None:
 
 
 def _clear_output(out: Path) -> None:
-    """Delete the manifest and every shard-named file, so a glob over the folder finds only the new shards."""
+    """Delete the manifest and every shard-named file, so a glob over the folder finds only the new shards; with them
+    the partial files a killed run left."""
     for path in out.iterdir():
-        if path.name in (MANIFEST_NAME, MARKER_NAME) or SHARD_FILE.match(path.name.removesuffix(PARTIAL_SUFFIX)):
+        name = path.name.removesuffix(PARTIAL_SUFFIX)
+        if name in (MANIFEST_NAME, MARKER_NAME) or SHARD_FILE.match(name):
             path.unlink()
 
 
@@ -384,9 +387,7 @@ def _manifest(config: PrepareConfig, source: ResolvedSource, fingerprint: str, s
 
 
 def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    write_file_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _source_error(error: BaseException | None) -> BadSourceError | None:

@@ -24,7 +24,7 @@ from cluster import storage
 from cluster.config import build, flatten, to_dict
 from cluster.pretrain_config import PretrainConfig
 from cluster.ray_env import quiet_train_reports
-from cluster.tracking import RunLogger, run_tags
+from cluster.tracking import UPLOADED_FILE, RunLogger, run_tags
 from gpt2 import GPT, get_tokenizer
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, peak_flops
@@ -33,7 +33,7 @@ from gpt2.model_card import render_model_card, shards_description, write_model_c
 from gpt2.train import autocast_context, autocast_dtype, evaluate_loss, make_optimizer, seed_everything, train_step
 from gpt2.train_checkpoint import is_due, load_training_checkpoint, save_training_checkpoint
 
-RUN_STATE = ("metrics.jsonl", "mlflow_run_id")  # what a resumed run needs from its run directory
+RUN_STATE = ("metrics.jsonl", "mlflow_run_id", UPLOADED_FILE)  # what a resumed run needs from its run directory
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from gpt2.shards import PARTIAL_SUFFIX
+from gpt2.durable import PARTIAL_SUFFIX
 
 CACHE_ENV = "GPT2_RAY_CACHE"  # where node-local mirrors and shard copies live; default ~/.cache/gpt2-ray
+# Filesystems (pyarrow type names) that show a file while it is being written, so an upload goes to a temporary name
+# first (see _upload_file); object stores (s3, gcs, abfs) publish an object only once its upload completes.
+RENAMING_FILESYSTEMS = frozenset({"local", "hdfs"})
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -90,7 +94,8 @@ class RunDir:
                 _upload_file(source, fs, f"{root}/{name}")
 
     def pull(self, *names: str) -> None:
-        """Download these entries (files or folders) when they exist remotely; missing ones are skipped."""
+        """Download these entries (files or folders) when they exist remotely; missing ones are skipped, and so are
+        the temporary files of uploads that were killed (see _upload_file)."""
         if not self.remote:
             return
         fs, root = _filesystem(self.location)
@@ -100,15 +105,27 @@ class RunDir:
                 download_file(fs, info.path, self.local / name)
             elif info.type == pafs.FileType.Directory:
                 for entry in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
-                    if entry.type == pafs.FileType.File:
+                    if entry.type == pafs.FileType.File and not entry.path.endswith(PARTIAL_SUFFIX):
                         download_file(fs, entry.path, self.local / name / entry.path[len(info.path) + 1:])
 
 
 def _upload_file(source: Path, fs: pafs.FileSystem, path: str) -> None:
+    """Upload one file so that a reader sees the previous version or the whole new one, never part of it.
+
+    An object store makes an object visible only when its upload completes, so an upload killed midway leaves nothing
+    and can go to the final name (a move there would be a copy, which S3 cannot even do for objects over 5 GB; note
+    that pyarrow, having no abort, completes the upload of a stream closed by an exception). A filesystem (a file://
+    mount, hdfs) shows a file while it is being written, so there the upload goes to a temporary name beside the
+    target and is renamed when complete; an interrupted upload leaves only that temporary file, which pull skips.
+    """
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(source, "rb") as src, fs.open_output_stream(path) as dst:
+    renames = fs.type_name in RENAMING_FILESYSTEMS
+    target = f"{path}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}" if renames else path
+    with open(source, "rb") as src, fs.open_output_stream(target) as dst:
         while chunk := src.read(8 << 20):
             dst.write(chunk)
+    if renames:
+        fs.move(target, path)
 
 
 def download_file(fs: pafs.FileSystem, path: str, target: Path) -> None:

@@ -3,7 +3,9 @@
 Every metric is appended to `<run_dir>/metrics.jsonl` first, then sent to MLflow. When the tracking server is
 unreachable the run goes on: one warning, and the batches not yet sent are retried every RETRY_SECONDS and uploaded
 when the server is back. The MLflow run id is kept in `<run_dir>/mlflow_run_id`, so a resumed job continues the same
-MLflow run. Only rank 0 creates a RunLogger.
+MLflow run, and `<run_dir>/mlflow_uploaded.jsonl` records how much of metrics.jsonl that run has received, so what a
+process held back and never sent (it was killed, or exited while the server was down) is sent by the next RunLogger
+on the directory. Only rank 0 creates a RunLogger.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
+from gpt2.durable import write_file_atomically
+
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 RETRY_SECONDS = 30.0
+UPLOADED_FILE = "mlflow_uploaded.jsonl"  # one mark per upload: {"run_id", "bytes" of metrics.jsonl it has received}
 log = logging.getLogger(__name__)
 
 # Fail fast instead of MLflow's default minutes of retries, so an unreachable server costs seconds once.
@@ -44,8 +49,11 @@ def server_is_up(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_local_server(store_dir: str | Path, uri: str = DEFAULT_TRACKING_URI, wait: float = 60.0) -> subprocess.Popen | None:
+def start_local_server(
+    store_dir: str | Path, uri: str = DEFAULT_TRACKING_URI, wait: float = 240.0
+) -> subprocess.Popen | None:
     """Start `mlflow server` (SQLite backend, artifacts under `store_dir`, bound to loopback) unless one answers.
+    (It answers within seconds on an idle machine, but has taken 80-100 s on a loaded 2-core one: hence `wait`.)
 
     The server is detached from this process so it outlives the job; its pid is written to store_dir/server.pid.
     """
@@ -65,7 +73,7 @@ def start_local_server(store_dir: str | Path, uri: str = DEFAULT_TRACKING_URI, w
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(store / "server.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    (store / "server.pid").write_text(str(proc.pid))
+    write_file_atomically(store / "server.pid", str(proc.pid).encode())
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if server_is_up(uri):
@@ -119,20 +127,42 @@ class RunLogger:
             raise ValueError(f"{self._id_file()} does not exist: name the experiment to start a new run in")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.run_dir / "metrics.jsonl"
+        self.uploaded = self.run_dir / UPLOADED_FILE
         self.uri = tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
         self._params, self._tags = dict(params or {}), dict(tags or {})
-        self._pending: list[tuple[dict[str, float], int, int]] = []
+        # The records of metrics.jsonl that MLflow has not received, and where the file ends (the mark to write
+        # once they are sent).
+        self._pending, self._end = self._resume_metrics()
         self._next_try = 0.0
         self._warned = False
         self.run_id: str | None = None
         self._connect()
+        self.flush()  # what an earlier process held back goes now, if the server answers
 
     # -- connection ---------------------------------------------------------------------------------------------
 
     def _id_file(self) -> Path:
         return self.run_dir / "mlflow_run_id"
+
+    def _resume_metrics(self) -> tuple[list[dict], int]:
+        """The records of metrics.jsonl that the run in mlflow_run_id has not received, and the file's length.
+
+        The last mark in mlflow_uploaded.jsonl says how many bytes of metrics.jsonl the run has received. Without a
+        mark for this run everything is sent: to a new run, the whole history; to a run whose directory has no marks
+        (written before they were kept, or pulled from another node without them), records it already holds, which
+        MLflow's SQL store ignores (a metric with the same key, step, timestamp and value is stored once). A mark
+        beyond the end of metrics.jsonl means the file was replaced by an older copy (a mirror pulled again from
+        the bucket): nothing in it is new."""
+        marks, _ = _resume_jsonl(self.uploaded)
+        run_id = self._id_file().read_text().strip() if self._id_file().is_file() else None
+        sent = marks[-1]["bytes"] if marks and marks[-1]["run_id"] == run_id else 0
+        records, end = _resume_jsonl(self.jsonl, start=sent)
+        if records:  # held back while the server was unreachable, or sent just before the process ended
+            print(f"{self.jsonl}: {len(records)} steps not known to have reached MLflow run"
+                  f" {run_id or '(not created yet)'}; they are sent when the server answers", file=sys.stderr)
+        return records, end
 
     def _connect(self, force: bool = False) -> bool:
         """Create or resume the MLflow run; False (and a single warning) while the server is unreachable.
@@ -150,7 +180,7 @@ class RunLogger:
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
                 run = self.client.create_run(exp_id, run_name=self.run_name or self.run_dir.name, tags=self._tags)
                 self.run_id = run.info.run_id
-                self._id_file().write_text(self.run_id)
+                write_file_atomically(self._id_file(), self.run_id.encode())
                 self._log_params(self._params)
             return True
         except Exception as e:  # MLflow raises many types for connectivity; all mean "not now"
@@ -182,10 +212,11 @@ class RunLogger:
     # -- logging ------------------------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        timestamp = int(time.time() * 1000)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "time": timestamp, **metrics}) + "\n")
-        self._pending.append((metrics, step, timestamp))
+        record = {"step": step, "time": int(time.time() * 1000), **metrics}
+        with open(self.jsonl, "ab") as f:
+            f.write((json.dumps(record) + "\n").encode())
+            self._end = f.tell()
+        self._pending.append(record)
         self.flush()
 
     def _backing_off(self, force: bool) -> bool:
@@ -199,12 +230,18 @@ class RunLogger:
         from mlflow.entities import Metric
 
         try:
-            batch = [Metric(k, float(v), ts, step) for m, step, ts in self._pending for k, v in m.items()]
+            batch = [Metric(k, float(v), r["time"], r["step"]) for r in self._pending for k, v in r.items()
+                     if k not in ("step", "time")]
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
         except Exception as e:
             self._offline(e)
             return
+        # The mark is written only after the server has the records, so a crash at any point loses nothing; a
+        # crash between the two sends them again, which the server ignores (see _resume_metrics). Marks are appended
+        # rather than a small file rewritten: that costs no rename and no fsync at every step.
+        with open(self.uploaded, "a") as f:
+            f.write(json.dumps({"run_id": self.run_id, "bytes": self._end}) + "\n")
         if self._warned:
             print(f"MLflow at {self.uri} is reachable again: uploaded {len(self._pending)} held-back steps", file=sys.stderr)
             self._warned = False  # a later outage is reported again
@@ -213,7 +250,7 @@ class RunLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self.run_dir / artifact_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_file_atomically(path, text.encode())
         self._try(lambda: self.client.log_text(self.run_id, text, artifact_file))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -307,14 +344,48 @@ def git_commit() -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The run's metrics.jsonl; a step logged again after a resume replaces the earlier record of that step."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
+    """The run's metrics.jsonl (without a torn last line, see _read_jsonl); a step logged again after a resume
+    replaces the earlier record of that step."""
     rows: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            rows[(rec["step"], tuple(sorted(k for k in rec if k not in ("step", "time"))))] = rec
+    for rec in _read_jsonl(Path(run_dir) / "metrics.jsonl")[0]:
+        rows[(rec["step"], tuple(sorted(k for k in rec if k not in ("step", "time"))))] = rec
     return sorted(rows.values(), key=lambda r: r["step"])
+
+
+def _read_jsonl(path: Path, start: int = 0) -> tuple[list[dict], int]:
+    """The records of the append-only JSON-lines file `path` from byte `start` on, and the length of its complete
+    lines in bytes (no file: no records).
+
+    Each record is appended as one line ending in a newline, so bytes after the last newline are a record whose
+    append was cut short (its writer was killed, or is writing it right now): not a record yet, left out. Any
+    earlier line was complete when written, so one that does not parse means the file was damaged: an error
+    naming the file and line."""
+    data = path.read_bytes() if path.exists() else b""
+    end = data.rfind(b"\n") + 1
+    start = min(start, end)
+    records = []
+    for number, line in enumerate(data[start:end].split(b"\n")[:-1], start=data.count(b"\n", 0, start) + 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:  # also bytes that are not UTF-8
+            raise ValueError(
+                f"{path}, line {number}: not a complete JSON record ({e}). Only the last line of this append-only"
+                " file can be torn by a kill; a torn line with records after it means the file was appended to"
+                " without cutting the torn end off first, or was damaged otherwise"
+            ) from e
+    return records, end
+
+
+def _resume_jsonl(path: Path, start: int = 0) -> tuple[list[dict], int]:
+    """_read_jsonl for a writer that is about to append to `path`: a torn last line is cut off first, so the next
+    record starts a line of its own instead of being glued to the torn one."""
+    records, end = _read_jsonl(path, start)
+    torn = path.stat().st_size - end if path.exists() else 0
+    if torn:
+        log.warning("%s: dropped its last %d bytes, a record whose append was cut short (the process writing it was"
+                    " killed)", path, torn)
+        os.truncate(path, end)
+    return records, end
 

@@ -10,14 +10,23 @@ tokenizer and generate nothing, and vLLM and lm-eval cannot start. Loading never
 before they existed still load.
 
 Nothing here unpickles arbitrary objects: safetensors, or torch.load(weights_only=True) for `pytorch_model.bin`.
+
+Writes are atomic: a checkpoint is written to a hidden sibling and swapped in at once, so a process killed at any
+moment leaves the previous complete checkpoint or the new one, never a mix (see `atomic_directory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2.config import EOT_TOKEN, GPTConfig
 from gpt2.model import GPT
+from gpt2.durable import fsync_directory
 from gpt2.tokenizer import EOT_TEXT, bpe_file_bytes
 
 CONFIG_FILE = "config.json"
@@ -260,6 +270,7 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def read_config(directory: str | os.PathLike) -> GPTConfig:
+    recover_directory(directory)
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE})")
@@ -306,6 +317,7 @@ def resolve_hub_name(name: str) -> Path:
 
 def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:
     path, name = Path(name_or_path), str(name_or_path)
+    recover_directory(path)
     if (path / CONFIG_FILE).is_file():
         return load_directory(path, **kwargs)
     hub_like = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "gpt2" or "org/model"
@@ -326,46 +338,189 @@ def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Pat
     with atomic_directory(path) as tmp:
         dtype = model.transformer.wte.weight.dtype
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
-        save_file(_to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _save_safetensors(_to_hf_state_dict(model), tmp / WEIGHTS_FILE)
         for name, data in hf_tokenizer_files(model.config).items():
             (tmp / name).write_bytes(data)
         if extra is not None:
             extra(tmp)
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        # safetensors reports a failed write (disk full, file too large) as its own error that only quotes the OS
+        # error; as the OSError it is, it gets the handling and the message of every other failed write.
+        if (found := re.search(r"os error (\d+)", str(e))) is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, create: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill. When the block ends, its files are flushed to disk and it
-    replaces `path` in one rename; if the block raises, it is deleted and `path` is untouched. A crash at any point
-    leaves either the previous complete directory or the new complete one. With create=False the block creates the
-    folder itself (e.g. with shutil.copytree)."""
+    replaces `path` in one step (`replace_directory`); if the block raises, it is deleted and `path` is untouched.
+    A process killed at any point leaves the previous complete directory or the new complete one (plus hidden
+    leftovers that the next read or write of `path` clears, see `recover_directory`). A write that fails in the
+    operating system (disk full, file too large) raises an OSError naming `path` and saying it is unchanged.
+    With create=False the block creates the folder itself (e.g. with shutil.copytree)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    recover_directory(path)
+    tmp = _sibling(path, "tmp")
     if create:
         tmp.mkdir()
     try:
         yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, path) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _write_error(error: OSError, path: Path) -> OSError:
+    """The error of a failed write, naming the directory that was being written and what became of it."""
+    where = f" ({error.filename})" if error.filename else ""
+    state = f"the previous {path} is unchanged" if path.exists() else f"nothing was written to {path}"
+    message = f"{error.strerror or error}{where} while writing {path}; {state}"
+    return OSError(error.errno, message) if error.errno else OSError(message)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk, so that once renamed into place it is complete even after
+    a power loss (the rename itself may reach the disk before file data that was never flushed)."""
+    for p in [root, *root.rglob("*")]:
+        if p.is_dir():
+            fsync_directory(p)
+        elif p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def replace_directory(new: Path, target: Path) -> None:
     """Move the complete directory `new` to `target`, replacing any previous `target`.
 
-    rename(2) cannot replace a non-empty directory, so the old one is first renamed aside and deleted only
-    after the new one is in place.
+    rename(2) cannot replace a non-empty directory. Linux swaps the two in one step (renameat2 with
+    RENAME_EXCHANGE), so `target` is never missing. Where that is unavailable (another OS, an old kernel or C
+    library, a filesystem without it) the old one is renamed aside under a name that `recover_directory` restores
+    if the process dies before the new one is in place. The old one is deleted only once the new one is.
     """
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    if not target.exists():
+        os.rename(new, target)
+        old = None
+    elif _exchange(new, target):
+        old = new  # after the swap, `new`'s name holds the previous version
+    else:
+        old = _sibling(target, "old")
         os.rename(target, old)
-    os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    fsync_directory(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """The C library's renameat2, or None where there is none (not Linux, or glibc older than 2.28)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the kernel, C library or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # flag or call unsupported here
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# A hidden sibling of a directory being written: `.{name}.tmp-{host}-{pid}-{random}` while the new version is
+# filled (and, after a swap, the previous version until it is deleted), `.{name}.old-...` for the previous version
+# renamed aside. Names written before host and pid were part of them (`.{name}.old-{random}`) are recognised too.
+_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_gone(leftover: re.Match) -> bool | None:
+    """Whether the process that named a leftover has ended: True or False on this host; None (cannot tell) for one
+    on another host sharing the filesystem, or a name from before host and pid were recorded."""
+    if leftover["pid"] is None or leftover["host"] != _host():
+        return None
+    try:
+        os.kill(int(leftover["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Repair what a writer killed mid-save left beside `target`; runs before every read and write of it.
+
+    If `target` is missing, the newest previous version that a writer had renamed aside is renamed back, unless
+    that writer still runs (it is between its two renames). A temporary directory is never used instead: nothing
+    shows that it was complete. The leftovers of writers that have ended are then deleted; those of live writers
+    and of writers that may run elsewhere are left alone (they are hidden, and no reader looks at them).
+    """
+    target = Path(target)
+    if not target.name:
+        return
+    prefix = f".{target.name}."
+    try:
+        with os.scandir(target.parent) as entries:
+            leftovers = {
+                Path(e.path): m
+                for e in entries
+                if e.name.startswith(prefix) and (m := _LEFTOVER.fullmatch(e.name[len(prefix) :]))
+            }
+    except OSError:  # no parent folder, or one this process may not list: nothing it could repair
+        return
+    gone = {p: _writer_gone(m) for p, m in leftovers.items()}
+    aside = [p for p, m in leftovers.items() if m["kind"] == "old" and gone[p] is not False]
+    if aside and not target.exists():
+        newest = max(aside, key=lambda p: p.stat().st_mtime_ns)
+        try:
+            os.rename(newest, target)
+        except OSError:
+            if not target.exists():  # else another process restored or wrote it first
+                raise
+        fsync_directory(target.parent)
+        del gone[newest]
+    for p, ended in gone.items():
+        if ended:
+            shutil.rmtree(p, ignore_errors=True)

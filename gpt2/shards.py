@@ -9,6 +9,7 @@ training is gpt2.data; the Ray pipeline that produces them lives in ``cluster/``
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.config import EOT_TOKEN
+from gpt2.durable import PARTIAL_SUFFIX, fsync_directory, naming_path
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -29,7 +31,6 @@ TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("val", "train")
-PARTIAL_SUFFIX = ".partial"  # a shard being written; renamed to its final name only once complete
 
 
 class ShardFormatError(ValueError):
@@ -113,11 +114,14 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, split: str = "train
     path = Path(path)
     tokens = _as_token_array(tokens)
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(partial, "wb") as f:
+    with naming_path(partial), open(partial, "wb") as f:
         f.write(shard_header(len(tokens)))
         f.write(tokens.tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # before the rename, or a power loss could leave the final name on missing bytes
     sha = file_sha256(partial)
     os.replace(partial, path)
+    fsync_directory(path.parent)
     return ShardInfo(file=path.name, split=split, tokens=len(tokens), sha256=sha)
 
 
@@ -194,9 +198,12 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the shard being written; completed shards stay (they are whole and valid)."""
         if self._file is not None:
-            self._file.close()
+            # After a failed write (disk full) closing flushes the buffered rest and fails the same way; the error
+            # is already on its way to the caller, and close() releases the descriptor all the same.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
-            self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+            self._partial_path().unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -211,22 +218,29 @@ class ShardWriter:
         if self._file is None:
             index = 0 if self._split == "val" else self._train_index
             self._file_path = self.directory / shard_file_name(self.name, self._split, index)
-            self._file = open(self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX), "wb")
-            self._file.write(shard_header(0))  # rewritten with the real count once the shard is complete
+            self._file = open(self._partial_path(), "wb")
             self._file_tokens = 0
-        self._file.write(tokens.tobytes())
+        with naming_path(self._partial_path()):
+            if self._file_tokens == 0:
+                self._file.write(shard_header(0))  # rewritten with the real count once the shard is complete
+            self._file.write(tokens.tobytes())
         self._file_tokens += len(tokens)
 
+    def _partial_path(self) -> Path:
+        return self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX)
+
     def _finish_file(self) -> None:
-        partial = self._file_path.with_name(self._file_path.name + PARTIAL_SUFFIX)
-        self._file.seek(0)
-        self._file.write(shard_header(self._file_tokens))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        partial = self._partial_path()
+        with naming_path(partial):
+            self._file.seek(0)
+            self._file.write(shard_header(self._file_tokens))
+            self._file.flush()
+            os.fsync(self._file.fileno())  # the bytes reach the disk before the rename makes them visible
+            self._file.close()
         self._file = None
         sha = file_sha256(partial)
         os.replace(partial, self._file_path)
+        fsync_directory(self.directory)
         self.shards.append(ShardInfo(self._file_path.name, self._split, self._file_tokens, sha))
         if self._split == "train":
             self._train_index += 1

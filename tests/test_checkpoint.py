@@ -1,10 +1,12 @@
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import gpt2.checkpoint as checkpoint
 from gpt2 import GPT, preset
 from gpt2.checkpoint import CheckpointError, save_pretrained
 
@@ -77,6 +79,56 @@ def test_save_is_atomic_when_interrupted(tmp_path, tiny_model):
     assert (target / "model.safetensors").read_bytes() == before
     assert GPT.from_pretrained(str(target)).config.n_layer == 2
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp directory left behind
+
+
+def test_saving_over_a_checkpoint_without_an_atomic_exchange_leaves_only_the_new_one(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # as on macOS, or a filesystem without it
+    target = tmp_path / "ckpt"
+    GPT(preset("tiny", n_layer=1)).save_pretrained(str(target))
+    tiny_model.save_pretrained(str(target))
+    assert GPT.from_pretrained(str(target)).config.n_layer == 2
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def ended_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def same_weights(a: GPT, b: GPT) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("writer", ["ended", "unrecorded"])
+def test_a_checkpoint_left_renamed_aside_by_a_killed_writer_is_restored(tmp_path, tiny_model, writer):
+    """The state a writer killed between its two renames leaves (on a system without an atomic exchange): the
+    previous checkpoint under its aside name, the new one half-written, nothing at the path. "unrecorded" is the
+    name a writer used before host and pid were part of it."""
+    target = tmp_path / "ckpt"
+    tiny_model.save_pretrained(str(target))
+    tag = f"{checkpoint._host()}-{ended_pid()}-" if writer == "ended" else ""
+    target.rename(tmp_path / f".ckpt.old-{tag}0123abcd")
+    half_written = tmp_path / f".ckpt.tmp-{tag}4567abcd"
+    half_written.mkdir()
+    (half_written / "config.json").write_text("{")
+    assert same_weights(GPT.from_pretrained(str(target)), tiny_model)
+    assert sorted(os.listdir(tmp_path)) == (["ckpt"] if writer == "ended" else [half_written.name, "ckpt"])
+    tiny_model.save_pretrained(str(target))  # the next save goes on from there
+    assert same_weights(GPT.from_pretrained(str(target)), tiny_model)
+
+
+def test_only_the_leftovers_of_writers_that_have_ended_here_are_deleted(tmp_path, tiny_model):
+    target = tmp_path / "ckpt"
+    tiny_model.save_pretrained(str(target))
+    host, ended = checkpoint._host(), ended_pid()
+    kept = [f".ckpt.tmp-{host}-{os.getpid()}-00000001", f".ckpt.old-other-host-{ended}-00000002", ".ckpt.tmp-x"]
+    for name in [*kept, f".ckpt.tmp-{host}-{ended}-00000003", f".ckpt.old-{host}-{ended}-00000004"]:
+        (tmp_path / name).mkdir()
+    tiny_model.save_pretrained(str(target))
+    # A live writer's (here this process's) and one on another host sharing the folder may still be writing; the
+    # last name is no leftover of this format at all.
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, "ckpt"])
 
 
 def test_extra_files_land_with_the_checkpoint(tmp_path, tiny_model):
