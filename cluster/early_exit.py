@@ -173,7 +173,7 @@ def train_and_calibrate(
     history = train_classifier(
         wrap(classifier) if wrap else classifier, features, labels, epochs=c.epochs, batch_size=c.batch_size,
         lr=c.lr, weight_decay=c.weight_decay, balance_classes=c.balance_classes, val_features=val_features,
-        val_labels=val_labels, seed=c.seed,
+        val_labels=val_labels, seed=c.seed, on_epoch=_print_epoch(c.epochs) if rank == 0 else None,
     )
     if rank != 0:
         return None
@@ -182,6 +182,17 @@ def train_and_calibrate(
     majority = float(labels.mean() >= 0.5)
     baseline = float((val_labels == majority).float().mean())
     return _calibrate_and_save(cfg, model, model_dir, history, baseline, int(labels.numel()), val, tags)
+
+
+def _print_epoch(epochs: int) -> Callable[[dict], None]:
+    """The classifier's progress, one line per epoch as the other training jobs print it."""
+
+    def show(entry: dict) -> None:
+        held_out = f" | val_accuracy {entry['val_accuracy']:.4f}" if "val_accuracy" in entry else ""
+        print(f"epoch {entry['epoch']}/{epochs} | classifier loss {entry['loss']:.4f} | accuracy"
+              f" {entry['accuracy']:.4f}{held_out}", flush=True)
+
+    return show
 
 
 def _calibrate_and_save(

@@ -186,6 +186,9 @@ def finetune_loop(config: dict) -> None:
         }
         if logger:
             logger.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            if config["session"] == "train":  # a search's trials report through Tune's own table instead
+                print(f"epoch {epoch + 1}/{epochs} | train_loss {metrics['train_loss']:.4f} | val_loss {val_loss:.4f}",
+                      flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             directory = None
             if session.rank == 0:

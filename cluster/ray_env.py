@@ -52,7 +52,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     # PYTHONPATH covers a checkout that was not installed that way.
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     # The dashboard (on 127.0.0.1) also serves the state API that Ray Train uses to watch its own actors.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, log_to_driver=True)
+    # address="local": a new instance even when a head runs on this machine (ray.init() with no address would join
+    # it, and refuse num_cpus there), so tests never run on a user's `make demo` head.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
+             log_to_driver=True)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
     return "local"
 

@@ -40,7 +40,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,27 @@ def check_exit_layer(exit_layer: int, n_layer: int) -> None:
             f"exit_layer={exit_layer!r} is out of range: it counts the blocks run before the exit and must be an"
             f" integer in [1, {n_layer - 1}] for a model with n_layer={n_layer}"
         )
+
+
+@dataclass(frozen=True)
+class DecodeMacs:
+    """Multiply-adds per decoded token: the standard model, a token that exits (exit_layer blocks, the head, the
+    classifier and the deeper layers' key/value projections), a token that does not (every block, the classifier,
+    and with head features one head more)."""
+
+    standard: int
+    exited: int
+    not_exited: int
+    head: int
+
+    @property
+    def every_token_exits(self) -> float:
+        """The speed-up if every token exited: the most any classifier can give at this exit layer."""
+        return self.standard / self.exited
+
+    @property
+    def head_share(self) -> float:
+        return self.head / self.standard
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -231,6 +252,25 @@ class EarlyExitGPT(nn.Module):
         """Return the totals so far and start new ones."""
         stats, self.stats = self.stats, ExitStats()
         return stats
+
+    def decode_macs(self) -> DecodeMacs:
+        """Multiply-adds of the weights one decoded token goes through (batch-1 decoding reads each weight once per
+        token, so these ratios bound the speed-up), counted from the model's own layers (pruned heads included)."""
+
+        def macs(module: nn.Module) -> int:
+            return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+        blocks = [macs(block) for block in self.transformer.h]
+        head, classifier = self.lm_head.weight.numel(), macs(self.classifier)
+        # All of c_attn runs for the held state (see ExitedKeyValues), though only its K and V are kept.
+        deeper_kv = sum(block.attn.c_attn.weight.numel() for block in self.transformer.h[self.exit_layer:])
+        extra_head = head if self.classifier.head_features else 0
+        return DecodeMacs(
+            standard=sum(blocks) + head,
+            exited=sum(blocks[: self.exit_layer]) + head + classifier + deeper_kv,
+            not_exited=sum(blocks) + head + classifier + extra_head,
+            head=head,
+        )
 
     def blocks_per_token(self, exited: torch.Tensor) -> torch.Tensor:
         """Blocks run for each position of a forward's `exited` (B, T): exit_layer if it exited, else n_layer."""
@@ -439,12 +479,13 @@ def train_classifier(
     val_features: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     seed: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Fit the classifier with AdamW on binary cross-entropy; one history entry per epoch.
 
     balance_classes weights the positive class by n_negative / n_positive (for rare agreement). Each entry has epoch,
     loss (mean over the epoch's minibatches), accuracy (on all training data after the epoch), and val_loss /
-    val_accuracy when validation data is given.
+    val_accuracy when validation data is given. on_epoch receives each entry as soon as its epoch ends (progress).
     """
     if features.shape[0] != labels.shape[0] or features.shape[0] == 0:
         raise ValueError(
@@ -478,6 +519,8 @@ def train_classifier(
             val = _loss_and_accuracy(classifier, val_features.to(device), val_labels.to(device).float(), loss_fn)
             entry["val_loss"], entry["val_accuracy"] = val
         history.append(entry)
+        if on_epoch:
+            on_epoch(entry)
     return history
 
 

@@ -1,23 +1,49 @@
 """The local demo behind `make demo`: start a Ray head and an MLflow server on this machine (if not running), then
-submit the whole pipeline (jobs/pipeline.py) with `ray job submit`, and print where to look."""
+submit the whole pipeline (jobs/pipeline.py) with `ray job submit`, and print where to look.
+
+The console shows the pipeline's stages, a line per training step with the time left, the results table and the
+URLs; the job's whole output (Ray's, Tune's and MLflow's own logs included) goes to runs/demo/<time>.log, whose path
+is printed first, and is also in the Ray dashboard's Jobs view. Errors are shown in full.
+"""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from cluster.local_services import DASHBOARD_URL, _bin, client_env, up
+from cluster.job_console import JobConsole
+from cluster.local_services import DASHBOARD_URL, MLFLOW_DIR, _bin, client_env, up
 from cluster.ray_env import PROJECT_ROOT
 from cluster.tracking import DEFAULT_TRACKING_URI
 
+LOG_DIR = PROJECT_ROOT / "runs" / "demo"
 
-def submit(*job: str) -> None:
-    """`ray job submit` with the project's runtime env; streams the job's output and fails if the job fails."""
+
+def submit(*job: str) -> Path:
+    """`ray job submit` with the project's runtime env, its output filtered through JobConsole; exits if the job
+    fails. Returns the path of the job's whole output."""
     cmd = [_bin("ray"), "job", "submit", "--address", DASHBOARD_URL, "--runtime-env", "runtime_env.yaml", "--", "python", *job]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    if subprocess.run(cmd, cwd=PROJECT_ROOT, env=client_env()).returncode != 0:
-        sys.exit(f"error: job failed: {' '.join(job)}")
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    print(f"the job's whole output: {log_path}", flush=True)
+    with open(log_path, "w", buffering=1) as log:
+        console = JobConsole(log, lambda line: print(line, flush=True))
+        with subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace") as proc:
+            try:
+                for line in proc.stdout:
+                    console.feed(line)
+            except KeyboardInterrupt:
+                proc.terminate()
+                sys.exit(f"\nstopped watching; the job goes on: `ray job stop {console.job_id or '<id>'}` stops it")
+    if proc.returncode != 0:
+        console.failed(str(log_path))
+        sys.exit(f"error: job failed: {' '.join(job)} (its whole output: {log_path})")
+    return log_path
 
 
 def main() -> None:
@@ -30,11 +56,13 @@ def main() -> None:
     # runs and models must land here.
     paths = [f"root={PROJECT_ROOT / 'runs'}", f"data_dir={PROJECT_ROOT / 'data' / 'pydocs'}",
              f"domain_dir={PROJECT_ROOT / 'data' / 'domain'}"]
-    submit("jobs/pipeline.py", "--config", args.config, *paths, *(["--from", args.from_stage] if args.from_stage else []))
+    log_path = submit("jobs/pipeline.py", "--config", args.config, *paths, *(["--from", args.from_stage] if args.from_stage else []))
     print("\n=== demo finished ===")
     print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs, Train and Tune views; Serve)")
     print(f"MLflow UI:       {DEFAULT_TRACKING_URI}   (experiments pretrain, finetune, early-exit)")
     print("Serve:           http://127.0.0.1:8000/v1 (OpenAI-compatible API), http://127.0.0.1:8000/ (web page)")
+    print(f"logs:            {log_path} (the job), {MLFLOW_DIR / 'server.log'} (MLflow),"
+          " /tmp/ray/session_latest/logs (Ray)")
     print("stop the services with `make stop`")
 
 

@@ -358,3 +358,23 @@ def test_bad_exit_layers_and_files_give_clear_errors(tmp_path):
     weights_path.unlink()
     with pytest.raises(CheckpointError, match=rf"{EXIT_WEIGHTS_FILE}: missing"):
         load_early_exit(directory)
+
+
+def test_decode_macs_count_what_a_token_runs():
+    """The bound the README gives for GPT-2 124M exiting after block 9 (about 1.15x even if every token exits), and
+    why the demo's 4-layer model cannot gain: its LM head is most of a token's work."""
+    from gpt2 import preset
+
+    with torch.device("meta"):
+        full = EarlyExitGPT(GPT(preset("gpt2")), exit_layer=9)
+        small = EarlyExitGPT(GPT(preset("small")), exit_layer=3, classifier=ExitClassifier(256, head_features=False))
+    d, V = 768, 50257
+    macs = full.decode_macs()
+    assert macs.head == V * d and macs.standard == 12 * 12 * d * d + V * d
+    classifier = (d + 3) * 128 + 128
+    assert macs.exited == 9 * 12 * d * d + V * d + 3 * 3 * d * d + classifier  # deeper layers: c_attn only
+    assert macs.not_exited == macs.standard + classifier + V * d  # head features: one head more
+    assert round(macs.every_token_exits, 2) == 1.15
+    tiny = small.decode_macs()
+    assert tiny.not_exited == tiny.standard + 256 * 128 + 128  # no head features, no second head
+    assert tiny.head_share > 0.75 and tiny.every_token_exits < 1.05

@@ -57,7 +57,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, 
             assert {m["id"] for m in json.loads(r.read())["data"]} == {"pretrained", "finetuned", "early-exit"}
         assert served["sample"].startswith("The Python language reference")
         table = summary_table(first)
-        assert "fine-tune learning rate" in table and "early exit" in table
+        assert "fine-tune learning rate" in table and "were every token to exit" in table  # the bound, beside it
         assert_one_registered_model_per_kind(mlflow_server, early_exit_versions=1)
 
         again = run_pipeline(cfg, tracking_uri=mlflow_server)
