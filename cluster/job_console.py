@@ -64,7 +64,7 @@ class JobConsole:
         self._step_started: tuple[float, int] | None = None  # (time, step) of the first step line of a run
         self._last_step = 0
         self._tune_status: str | None = None
-        self._data_total = 0
+        self._data_tenth: int | None = None  # the tenth of Ray Data's work last shown
         self._tail: collections.deque[str] = collections.deque(maxlen=FAILURE_TAIL)
 
     def feed(self, raw: str) -> None:
@@ -103,9 +103,10 @@ class JobConsole:
         return False
 
     def _shown(self, source: str | None, text: str) -> str | None:
-        if text.startswith(("error:", "WARNING:")) or STAGE.match(text):
-            if STAGE.match(text):
-                self._step_started, self._last_step, self._data_total = None, 0, 0
+        if STAGE.match(text):  # a new stage: its counts start afresh
+            self._step_started, self._last_step, self._data_tenth = None, 0, None
+            return text
+        if text.startswith(("error:", "WARNING:")):
             return text
         if step := STEP.match(text):
             return self._step_line(text, int(step["step"]), int(step["total"]))
@@ -132,11 +133,10 @@ class JobConsole:
         """Ray Data logs its progress every few seconds: shown as one line per tenth of the work done (Ray Data
         revises its total as it goes)."""
         if total and done > self._last_step:
-            shown_before = 10 * self._last_step // max(self._data_total, 1)
-            left = self._time_left(done, total)
-            if not self._data_total or 10 * done // total > shown_before or done == total:
+            left, tenth = self._time_left(done, total), 10 * done // total
+            if self._data_tenth is None or tenth > self._data_tenth or done == total:
                 self.show(f"  {done}/{total} blocks ({done / total:.0%})" + (f" | ETA {left}" if left else ""))
-            self._data_total = total
+                self._data_tenth = tenth
 
     def _time_left(self, done: int, total: int) -> str | None:
         """At the pace since the first count of this run (a count that goes back starts a new run: a resume)."""

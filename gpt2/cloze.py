@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from gpt2.durable import write_file_atomically
+
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 MIN_WORDS, MAX_WORDS = 5, 30  # sentences outside this range are headings, code or lists: not good endings
 
@@ -61,7 +63,5 @@ def write_cloze_file(documents: Sequence[str], path: str | os.PathLike, n: int, 
     """Write `cloze_examples` as a jsonl file (atomically) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in cloze_examples(documents, n, **kwargs)), encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomically(path, "".join(json.dumps(r) + "\n" for r in cloze_examples(documents, n, **kwargs)).encode())
     return path

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
 from gpt2.checkpoint import hf_config_dict, read_config
 from gpt2.config import GPTConfig
+from gpt2.durable import write_file_atomically
 
 CARD_FILE = "README.md"
 
@@ -162,16 +162,7 @@ def write_model_card(directory: str | os.PathLike, config: GPTConfig | None = No
     directory = Path(directory)
     text = render_model_card(config if config is not None else read_config(directory), **card)
     path = directory / CARD_FILE
-    tmp = directory / f".{CARD_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, text.encode("utf-8"))
     return path
 
 
