@@ -40,7 +40,7 @@ demo: setup
 	$(PY) jobs/demo.py
 
 stop: setup
-	$(PY) -m cluster.local_services down
+	$(PY) -m cluster.runtime.local_services down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """What one training checkpoint of a recipe costs, in storage and in time, side by side with the disk's own speed.
 
-The checkpoint is rank 0's part as `cluster/pretrain.py` writes it (`gpt2.train_checkpoint.save_training_checkpoint`):
+The checkpoint is rank 0's part as `cluster/train/pretrain.py` writes it (`gpt2.train_checkpoint.save_training_checkpoint`):
 the recipe's model with random fp32 weights, an AdamW state with both moments filled, the loader position and RNG,
 written and fsynced to a temporary folder that is then renamed. Beside it, the same number of bytes written and
 fsynced as one plain file: the ratio says how close the save comes to the disk, so the figure on another machine or
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cluster.config import load
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.pretrain import PretrainConfig
 from gpt2 import GPT
 from gpt2.data import ShardedTokenLoader
 from gpt2.shards import shard_file_name, write_shard

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.early_exit import (
+from cluster.train.early_exit import (
     EARLY_EXIT,
     STANDARD,
     choose_tau,

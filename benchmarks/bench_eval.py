@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from cluster.evaluation import ActorPool, EvalSettings, evaluate
-from cluster.ray_env import init_ray
+from cluster.eval.evaluation import ActorPool, EvalSettings, evaluate
+from cluster.runtime.ray_env import init_ray
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.hellaswag import METHODS, HellaSwagExample, encode_example, evaluate_hellaswag, load_hellaswag
 from gpt2.loglikelihood import row_logprobs

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from cluster.config import load
-from cluster.pretrain import run_pretraining
-from cluster.pretrain_config import PretrainConfig
-from cluster.ray_env import PROJECT_ROOT, init_ray
-from cluster.tracking import read_metrics
+from cluster.config.pretrain import PretrainConfig
+from cluster.runtime.ray_env import PROJECT_ROOT, init_ray
+from cluster.runtime.tracking import read_metrics
+from cluster.train.pretrain import run_pretraining
 from gpt2 import GPT
 from gpt2.data import ShardedTokenLoader
 from gpt2.train import make_optimizer, seed_everything, train_step
@@ -34,8 +34,8 @@ DATA = PROJECT_ROOT / "data" / "pydocs"
 def ensure_data() -> None:
     if (DATA / "manifest.json").exists():
         return
-    from cluster.data_pipeline import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, prepare_data
-    from cluster.sources import SourceSpec
+    from cluster.data.prepare import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, prepare_data
+    from cluster.data.sources import SourceSpec
 
     prepare_data(PrepareConfig(SourceSpec(), str(DATA), "pydocs", val_tokens=PYTHON_DOCS_VAL_TOKENS))
 

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from cluster.ray_env import init_ray
+from cluster.runtime.ray_env import init_ray
 from gpt2 import GPT, preset
 from gpt2.generate import generate
 from gpt2.tokenizer import get_tokenizer
@@ -231,7 +230,7 @@ def in_process(
     model_dir: Path, dtype: str, quantize: str, tokens: int, threads: int, repeats: int, max_batch: int
 ) -> float:
     """Tokens/s of `gpt2.generate.generate`, batch 1, greedy, in this process, on the model the server loads."""
-    from serve.variants import VariantSpec, load_variant
+    from serving.variants import VariantSpec, load_variant
 
     torch.set_num_threads(threads)
     spec = VariantSpec("reference", str(model_dir), dtype=dtype, quantize=quantize)
@@ -329,8 +328,8 @@ def main() -> None:
 def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_model: str | None, peer: dict) -> dict:
     from ray import serve as ray_serve
 
-    from cluster.tracking import free_port
-    from serve.app import build_app
+    from cluster.runtime.local_services import free_port
+    from serving.app import build_app
 
     info = machine()
     ours_label = f"ours {args.dtype}"

@@ -130,9 +130,9 @@ def run_limit(corpus: Path, out: Path, workers: int, start_clock: Callable[[], f
 
 
 def run_ray(corpus: Path, out: Path, workers: int, start_clock: Callable[[], float]) -> dict:
-    from cluster.data_pipeline import PrepareConfig, prepare_data
-    from cluster.ray_env import init_ray
-    from cluster.sources import SourceSpec
+    from cluster.data.prepare import PrepareConfig, prepare_data
+    from cluster.data.sources import SourceSpec
+    from cluster.runtime.ray_env import init_ray
 
     init_ray("local", num_cpus=workers)
     config = PrepareConfig(
@@ -244,7 +244,7 @@ class ProcessSampler:
 
 def measure(method: str, corpus: Path, out: Path, workers: int) -> dict:
     """Runs inside a fresh subprocess (see main)."""
-    import cluster.data_pipeline  # noqa: F401  imported before the clock starts, for every method alike
+    import cluster.data.prepare  # noqa: F401  imported before the clock starts, for every method alike
 
     with ProcessSampler() as sampler:
         result = METHODS[method](corpus, out, workers, sampler.start_clock)

@@ -1,6 +1,6 @@
 """The CUDA path in one short run: correctness against the CPU, then speed next to published anchors.
 
-Needs PyTorch and this project's pure-PyTorch parts only (gpt2/ and serve/engine.py): no Ray, no MLflow, no
+Needs PyTorch and this project's pure-PyTorch parts only (gpt2/ and serving/engine.py): no Ray, no MLflow, no
 network. Every piece is the project's own code: the model, the KV cache and generation, the chunked LM-head loss,
 the training step with fused AdamW, NF4 quantization, HellaSwag scoring and the serving engine.
 
@@ -69,7 +69,7 @@ from gpt2.quantize import decode_bytes_per_token, quantize_nf4, to_bf16  # noqa:
 from gpt2.sampling import SamplingParams  # noqa: E402
 from gpt2.shards import shard_file_name, write_shard  # noqa: E402
 from gpt2.train import TrainConfig, autocast_context, autocast_dtype, make_optimizer, train_step  # noqa: E402
-from serve.engine import DecodeEngine, Finished, Token  # noqa: E402
+from serving.engine import DecodeEngine, Finished, Token  # noqa: E402
 
 # Published and measured anchors (docs/gpu.md says where each comes from).
 LLMC_124M_TOKENS_PER_S = 467e3  # llm.c GPT-2 124M on 8×H100: ~3.7M tokens/s, per GPU
@@ -455,7 +455,7 @@ def first_difference(*sequences: list[int]) -> int | None:
 
 
 def check_engine_seeded(run: Run, model: GPT, corpus: Corpus) -> None:
-    """Seeded sampling through serve.engine: each request alone, then all together with greedy requests of other
+    """Seeded sampling through serving.engine: each request alone, then all together with greedy requests of other
     lengths around them (ragged prefill, a larger decode batch), and model.generate with the same seed. fp32 must be
     identical; in bf16 the batch shape changes the rounding, so a near-tie may go the other way: reported only."""
     n = run.plan.engine_check_tokens
@@ -654,7 +654,7 @@ def closed_loop(engine: DecodeEngine, prompts: list[list[int]], concurrency: int
 
 
 def engine_speed(run: Run, model: GPT, corpus: Corpus) -> None:
-    """serve.engine's continuous batching in this process (no HTTP, no Ray Serve), greedy, fixed-length requests."""
+    """serving.engine's continuous batching in this process (no HTTP, no Ray Serve), greedy, fixed-length requests."""
     levels = run.plan.engine_levels
     prompts = corpus.prompts((8, 16, 24, 32, 48, 64))
     engine = DecodeEngine(model, max_batch=max(levels), max_pending=max(levels), name="gpu-check")

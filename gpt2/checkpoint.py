@@ -36,8 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2.config import EOT_TOKEN, GPTConfig
-from gpt2.model import GPT
 from gpt2.durable import fsync_directory
+from gpt2.model import GPT
 from gpt2.tokenizer import EOT_TEXT, bpe_file_bytes
 
 CONFIG_FILE = "config.json"
@@ -278,6 +278,8 @@ def read_config(directory: str | os.PathLike) -> GPTConfig:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object (found {type(d).__name__})")
     return config_from_hf_dict(d, str(path))
 
 

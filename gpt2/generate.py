@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from gpt2.config import EOT_TOKEN, GPTConfig
+from gpt2.protocols import LanguageModel
 from gpt2.sampling import SamplingParams, SequenceSampling, choose
 
 
@@ -60,7 +61,7 @@ def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
 
 @torch.inference_mode()
 def stream(
-    model,
+    model: LanguageModel,
     idx,
     max_new_tokens: int,
     *,
@@ -114,7 +115,7 @@ def stream(
         model.train(was_training)
 
 
-def generate(model, idx, max_new_tokens: int, **kwargs) -> list[list[int]]:
+def generate(model: LanguageModel, idx, max_new_tokens: int, **kwargs) -> list[list[int]]:
     """The new token ids of every prompt row (without the prompt); options as for `stream`."""
     out: list[list[int]] | None = None
     for tokens in stream(model, idx, max_new_tokens, **kwargs):

@@ -33,7 +33,7 @@ import tiktoken
 
 from gpt2.config import EOT_TOKEN
 from gpt2.loglikelihood import row_logprobs
-from gpt2.model import GPT
+from gpt2.protocols import LanguageModel
 from gpt2.shards import file_sha256
 from gpt2.tokenizer import get_tokenizer
 
@@ -273,7 +273,7 @@ class ExampleScore:
 
 
 def score_examples(
-    model: GPT, examples: Sequence[HellaSwagExample], method: str, tokenizer: tiktoken.Encoding | None = None
+    model: LanguageModel, examples: Sequence[HellaSwagExample], method: str, tokenizer: tiktoken.Encoding | None = None
 ) -> list[ExampleScore]:
     """Score every ending of `examples` with `method` in one forward pass of 4 × len(examples) rows."""
     tokenizer = tokenizer or get_tokenizer()
@@ -327,7 +327,7 @@ class MethodResult:
 
 
 def evaluate_hellaswag(
-    model: GPT,
+    model: LanguageModel,
     examples: Sequence[HellaSwagExample],
     *,
     methods: Sequence[str] = METHODS,

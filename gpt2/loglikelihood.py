@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.config import EOT_TOKEN, IGNORE_INDEX
-from gpt2.model import GPT
+from gpt2.protocols import LanguageModel
 
 
 @torch.no_grad()
-def row_logprobs(model: GPT, rows: Sequence[Sequence[int]], first_targets: Sequence[int]) -> list[float]:
+def row_logprobs(model: LanguageModel, rows: Sequence[Sequence[int]], first_targets: Sequence[int]) -> list[float]:
     """For each row, the summed log-probability of tokens ``row[first_target:]`` given the tokens before them.
 
     Each row is at most ``block_size + 1`` tokens: the model reads ``row[:-1]`` and predicts ``row[1:]``.

@@ -21,7 +21,7 @@ import tiktoken
 
 from gpt2.config import EOT_TOKEN
 from gpt2.loglikelihood import row_logprobs
-from gpt2.model import GPT
+from gpt2.protocols import LanguageModel
 from gpt2.tokenizer import get_tokenizer
 
 
@@ -61,7 +61,7 @@ def plan_windows(num_tokens: int, context_length: int, stride: int) -> list[Wind
         begin += stride
 
 
-def window_nll(model: GPT, tokens: Sequence[int], windows: Sequence[Window]) -> list[float]:
+def window_nll(model: LanguageModel, tokens: Sequence[int], windows: Sequence[Window]) -> list[float]:
     """Summed negative log-likelihood of each window's scored tokens, all windows in one forward pass."""
     rows = [list(tokens[w.begin : w.end + 1]) for w in windows]
     logprobs = row_logprobs(model, rows, [w.first_scored - w.begin for w in windows])
@@ -93,7 +93,7 @@ class PerplexityResult:
         return {f"{prefix}/loss": self.loss, f"{prefix}/perplexity": self.perplexity, f"{prefix}/tokens": self.n_tokens}
 
 
-def resolve_window(model: GPT, context_length: int | None, stride: int | None) -> tuple[int, int]:
+def resolve_window(model: LanguageModel, context_length: int | None, stride: int | None) -> tuple[int, int]:
     """Defaults: the model's whole context, and half of it as the stride (as in the usual WikiText-2 runs)."""
     context_length = context_length or model.config.block_size
     if context_length > model.config.block_size:
@@ -102,7 +102,7 @@ def resolve_window(model: GPT, context_length: int | None, stride: int | None) -
 
 
 def evaluate_perplexity(
-    model: GPT,
+    model: LanguageModel,
     tokens: Sequence[int],
     *,
     context_length: int | None = None,

@@ -33,6 +33,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from gpt2.early_exit import EarlyExitGPT
+
 PHASES = ("prefill", "decode")
 
 
@@ -65,14 +67,19 @@ class LayerProfile:
         return [r for r in self.rows if r.phase == phase]
 
 
+# The early-exit components are EarlyExitGPT's own submodules (classifier, exited_kv), so the checks below are for
+# that class, not for the gpt2.protocols.ExitingModel interface.
+
+
 def _component_names(model: nn.Module) -> list[str]:
     n_layer = model.config.n_layer
+    exit_layer = model.exit_layer if isinstance(model, EarlyExitGPT) else None
     names = ["embedding"]
     for i in range(n_layer):
-        if i == getattr(model, "exit_layer", None):
+        if i == exit_layer:
             names.append("exit.classifier")
         names += [f"block.{i}.attn", f"block.{i}.mlp"]
-    if hasattr(model, "exit_layer"):
+    if exit_layer is not None:
         names.append("exit.kv_projection")
     return names + ["ln_f+head"]
 
@@ -86,7 +93,7 @@ def _owned_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     for i, block in enumerate(t.h):
         owned[f"block.{i}.attn"] = list(block.ln_1.parameters()) + list(block.attn.parameters())
         owned[f"block.{i}.mlp"] = list(block.ln_2.parameters()) + list(block.mlp.parameters())
-    if hasattr(model, "classifier"):
+    if isinstance(model, EarlyExitGPT):
         owned["exit.classifier"] = list(model.classifier.parameters())
     return owned
 
@@ -164,7 +171,7 @@ def _install_hooks(model: nn.Module, recorder: _Recorder) -> list:
         else:  # Post-LN: it ends with ln_1, which normalises the residual sum
             handles.append(block.ln_1.register_forward_hook(marker(f"block.{i}.attn")))
         handles.append(block.register_forward_hook(marker(f"block.{i}.mlp")))
-    if hasattr(model, "classifier"):
+    if isinstance(model, EarlyExitGPT):
         handles.append(model.classifier.register_forward_hook(marker("exit.classifier")))
         handles.append(model.exited_kv.register_forward_hook(marker("exit.kv_projection")))
     return handles

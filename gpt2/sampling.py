@@ -108,7 +108,6 @@ def choose(
     """
     x = logits.detach().to(torch.float32, copy=True)  # (B, V)
     B, V = x.shape
-    device = x.device
     want = [i for i, s in enumerate(sequences) if s.logprobs is not None]
     raw = torch.log_softmax(x[want], dim=-1) if want else None  # (W, V)
     _adjust(x, sequences)

@@ -31,6 +31,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKEN_ID = np.iinfo(TOKEN_DTYPE).max
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("val", "train")
+SHARD_FILE = re.compile(r"^.+_(val|train)_\d{6}\.bin$")  # any dataset name, as llm.c names shards
 
 
 class ShardFormatError(ValueError):
@@ -289,7 +290,7 @@ def resolve_shard_paths(pattern_or_manifest: str | os.PathLike, split: str) -> l
     if _is_remote(location):
         raise ValueError(
             f"{location}: the loader reads local files only (it memory-maps them). Copy the shards to local disk"
-            " first, e.g. with cluster.data_pipeline.copy_shards_to_local(uri, local_dir), then pass the local path"
+            " first, e.g. with cluster.runtime.storage.copy_shards_to_local(uri, local_dir), then pass the local path"
         )
     location = location.removeprefix("file://")
     path = Path(location)

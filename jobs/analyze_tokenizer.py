@@ -6,7 +6,7 @@ Examples:
     python jobs/analyze_tokenizer.py --source files --input notes/ --txt-delimiter '<LOC>...</LOC>'
     python jobs/analyze_tokenizer.py --source fineweb-edu --max-documents 20000   # the first 20,000 documents
 
-Sources are read as jobs/prepare_data.py reads them (cluster.sources), in this process without Ray. Writes
+Sources are read as jobs/prepare_data.py reads them (cluster.data.sources), in this process without Ray. Writes
 report.md, summary.csv, words.csv and pieces_per_word.png to --output (default runs/tokenizer-analysis/<name>/)
 and logs the figures and files to MLflow (experiment "tokenizer-analysis"; the tracking URI is --tracking-uri,
 else $MLFLOW_TRACKING_URI, else the local server).
@@ -21,9 +21,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from cluster.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
-from cluster.tracking import RunLogger
-from gpt2.tokenizer_stats import ENCODINGS, EncodingStats, analyze, get_encoding, markdown_report, summary_csv, words_csv
+from cluster.data.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
+from cluster.runtime.tracking import RunLogger
+from gpt2.tokenizer_stats import (
+    ENCODINGS,
+    EncodingStats,
+    analyze,
+    get_encoding,
+    markdown_report,
+    summary_csv,
+    words_csv,
+)
 
 EXPERIMENT = "tokenizer-analysis"
 
@@ -82,7 +90,7 @@ class DocumentTexts:
 
 
 def write_outputs(stats: list[EncodingStats], directory: Path, corpus: str, top_words: int) -> list[Path]:
-    from cluster.plots import plot_pieces_per_word
+    from cluster.eval.plots import plot_pieces_per_word
 
     directory.mkdir(parents=True, exist_ok=True)
     files = {

@@ -32,10 +32,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from cluster.compression import (
-    fresh_run_logger,
+from cluster.eval.compression import (
     VariantRow,
     files_bytes,
+    fresh_run_logger,
     markdown_table,
     measure_variant,
     relative_to_first,
@@ -46,10 +46,10 @@ from cluster.compression import (
     variant_metrics,
     write_csv,
 )
-from cluster.models import load_model, local_model_dir
+from cluster.runtime.models import load_model, local_model_dir
 from gpt2 import GPT
-from gpt2.early_exit import EarlyExitGPT
 from gpt2.device import pick_device
+from gpt2.early_exit import EarlyExitGPT
 from gpt2.hellaswag import load_hellaswag
 from gpt2.lora import ADAPTER_CONFIG_FILE, load_adapters, merge_lora, read_adapter_config
 from gpt2.quantize import quantize_int8, quantize_nf4, to_bf16

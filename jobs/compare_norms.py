@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from cluster.compression import fresh_run_logger, markdown_table, write_csv
 from cluster.config import ConfigError, flatten, load, to_dict
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.pretrain import PretrainConfig
+from cluster.eval.compression import fresh_run_logger, markdown_table, write_csv
 from gpt2 import GPT
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, pick_device
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         histories[norm] = train_one(cfg, norm, device, log)
 
-    from cluster.plots import plot_norm_comparison
+    from cluster.eval.plots import plot_norm_comparison
 
     rows = summarize(histories)
     png = plot_norm_comparison({NORMS[n]: h for n, h in histories.items()}, run_dir / "norms.png",

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.job_console import JobConsole
-from cluster.local_services import DASHBOARD_URL, MLFLOW_DIR, _bin, client_env, up
-from cluster.ray_env import PROJECT_ROOT
-from cluster.tracking import DEFAULT_TRACKING_URI
+from cluster.runtime.job_console import JobConsole
+from cluster.runtime.local_services import DASHBOARD_URL, MLFLOW_DIR, _bin, client_env, up
+from cluster.runtime.mlflow_connection import DEFAULT_TRACKING_URI
+from cluster.runtime.ray_env import PROJECT_ROOT
 
 LOG_DIR = PROJECT_ROOT / "runs" / "demo"
 

@@ -20,8 +20,9 @@ import dataclasses
 import sys
 
 from cluster.config import config_for_job, job_parser
-from cluster.distill import DistillConfig, compare_with_teacher, run_distillation, run_in_process
-from cluster.tracking import tracking_uri
+from cluster.config.distill import DistillConfig
+from cluster.runtime.mlflow_connection import tracking_uri
+from cluster.train.distill import compare_with_teacher, run_distillation, run_in_process
 from gpt2.device import pick_device
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process:
         run_in_process(cfg, device, uri)
     else:
-        from cluster.ray_env import init_ray
+        from cluster.runtime.ray_env import init_ray
 
         init_ray(args.address)
         result = run_distillation(cfg, uri)

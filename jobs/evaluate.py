@@ -21,9 +21,9 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
-from cluster.models import load_model
-from cluster.ray_env import init_ray
+from cluster.eval.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
+from cluster.runtime.models import load_model
+from cluster.runtime.ray_env import init_ray
 from gpt2.device import choose, describe, parse_dtype
 from gpt2.hellaswag import (
     HELLASWAG_VAL_EXAMPLES,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.models import load_model, local_model_dir
+from cluster.runtime.models import load_model, local_model_dir
 from gpt2 import GPT
 from gpt2.checkpoint import CheckpointError, save_pretrained
 from gpt2.model_card import CARD_FILE, front_matter, hub_metadata, render_model_card, split_front_matter

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from cluster.config import config_for_job, job_parser
-from cluster.finetune_config import FinetuneConfig
+from cluster.config.finetune import FinetuneConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_for_job(FinetuneConfig, args, validate=lambda c: c.validate(search=args.search))
 
-    from cluster.finetune import run
-    from cluster.ray_env import init_ray
+    from cluster.runtime.ray_env import init_ray
+    from cluster.train.finetune import run
 
     init_ray(args.address)
     try:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from cluster.models import load_model
+from cluster.runtime.models import load_model
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.device import choose, describe
 from gpt2.generate import SamplingParams, stream

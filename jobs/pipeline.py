@@ -10,34 +10,23 @@ Stages whose inputs (configs, data, upstream results) are unchanged since the la
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-# Running a file in jobs/ puts jobs/ first on sys.path, where jobs/serve.py would stand in for the `serve` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from cluster.config import ConfigError, load  # noqa: E402 (after the path fix)
-from cluster.pipeline import STAGES, PipelineConfig  # noqa: E402
+from cluster.config import config_for_job, job_parser
+from workflow.pipeline import STAGES, PipelineConfig
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="pipeline YAML (default: configs/pipeline-local.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. name=mine search=false")
+    p = job_parser(__doc__, "pipeline YAML (default: configs/pipeline-local.yaml)", "name=mine search=false")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and every later one")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, or a new local instance)")
     args = p.parse_args(argv)
-    from cluster.ray_env import PROJECT_ROOT
+    from cluster.runtime.ray_env import PROJECT_ROOT
 
-    try:
-        cfg = load(PipelineConfig, args.config or PROJECT_ROOT / "configs" / "pipeline-local.yaml", args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args.config = args.config or PROJECT_ROOT / "configs" / "pipeline-local.yaml"
+    cfg = config_for_job(PipelineConfig, args, validate=lambda c: None)  # each stage's config is checked as it starts
 
-    from cluster.pipeline import run_pipeline, summary_table
-    from cluster.ray_env import init_ray
+    from cluster.runtime.ray_env import init_ray
+    from workflow.pipeline import run_pipeline, summary_table
 
     init_ray(args.address)
     try:

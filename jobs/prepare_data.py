@@ -9,7 +9,7 @@ Examples:
 
 On a cluster the shards are written by the job's driver, so --output must be a path every training node can read
 (a shared filesystem), or copy the folder to object storage afterwards; the loader copies s3://, gs:// back to local
-disk with cluster.data_pipeline.copy_shards_to_local.
+disk with cluster.runtime.storage.copy_shards_to_local.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.data_pipeline import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, existing_output, prepare_data
-from cluster.ray_env import init_ray
-from cluster.sources import SOURCE_KINDS, SourceSpec
+from cluster.data.prepare import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, existing_output, prepare_data
+from cluster.data.sources import SOURCE_KINDS, SourceSpec
+from cluster.runtime.ray_env import init_ray
 
 DEFAULT_NAMES = {"python-docs": "pydocs", "fineweb-edu": "fineweb-edu", "files": "corpus"}
 # The python-docs corpus has ~0.5M tokens, so its val shard is small; elsewhere llm.c's 1e8-token val shard.

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from cluster.config import config_for_job, job_parser
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.pretrain import PretrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_for_job(PretrainConfig, args)
 
-    from cluster import storage
-    from cluster.pretrain import run_pretraining
-    from cluster.ray_env import init_ray
-    from cluster.tracking import read_metrics, tracking_uri
+    from cluster.runtime import storage
+    from cluster.runtime.mlflow_connection import tracking_uri
+    from cluster.runtime.ray_env import init_ray
+    from cluster.runtime.tracking import read_metrics
+    from cluster.train.pretrain import run_pretraining
 
     init_ray(args.address)
     accum = cfg.train.grad_accum_steps(cfg.scaling.num_workers)

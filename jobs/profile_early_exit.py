@@ -13,7 +13,7 @@ differ only by early exit, at the saved threshold unless --threshold is given. W
 - summary.csv, also printed: per model, greedy decode tokens/s and per-token latency p50/p95 over several decodes of
   prompts from the validation shards (the models take turns token by token), and the exit rate in those decodes;
   exit rate, next-token agreement with the standard model and perplexity on the validation shards; HellaSwag with
-  --hellaswag (scored by cluster.evaluation, as jobs/evaluate.py does); the measured forward time per phase.
+  --hellaswag (scored by cluster.eval.evaluation, as jobs/evaluate.py does); the measured forward time per phase.
 
 Everything is logged to MLflow (experiment "profile"; --no-mlflow to skip). No Ray is needed.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.early_exit import EARLY_EXIT, STANDARD, time_decoding, token_batches, validation_quality
-from cluster.models import local_model_dir
+from cluster.runtime.models import local_model_dir
+from cluster.train.early_exit import EARLY_EXIT, STANDARD, time_decoding, token_batches, validation_quality
 from gpt2.device import choose, describe
 from gpt2.early_exit import EXIT_CONFIG_FILE, load_early_exit
 from gpt2.profile_layers import profile_layers, write_csv
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(args: argparse.Namespace, early_exit, directory: Path) -> int:
-    from cluster.plots import plot_layer_profiles
+    from cluster.eval.plots import plot_layer_profiles
 
     standard = early_exit.base
     tau = early_exit.threshold if args.threshold is None else args.threshold
@@ -160,7 +160,7 @@ def profile(args: argparse.Namespace, early_exit, directory: Path) -> int:
 
 
 def _hellaswag(models: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from cluster.evaluation import EvalSettings, compute_metrics
+    from cluster.eval.evaluation import EvalSettings, compute_metrics
     from gpt2.hellaswag import load_hellaswag
 
     examples = load_hellaswag(args.hellaswag, limit=args.limit)
@@ -189,7 +189,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def _log(args, directory: Path, tau: float, rows: list[dict], speedup: float, files: list[Path], output: Path) -> None:
-    from cluster.tracking import RunLogger
+    from cluster.runtime.tracking import RunLogger
 
     params = {k: v for k, v in vars(args).items() if k not in ("no_mlflow", "tracking_uri")}
     logger = RunLogger(

@@ -1,6 +1,6 @@
 """Deploy the GPT-2 Serve application (OpenAI-compatible API + comparison page) onto a Ray cluster, then return.
 
-    python jobs/serve.py                                  # serve/config.yaml onto the running cluster
+    python jobs/serve.py                                  # serving/config.yaml onto the running cluster
     python jobs/serve.py --variant mine=runs/pretrain/x/final --variant base=models:/gpt2-local-pretrained@champion
     python jobs/serve.py --blocking                       # stay in the foreground; Ctrl-C removes the application
     GPT2_API_KEY=... python jobs/serve.py                 # the API then needs `Authorization: Bearer <key>`
@@ -19,22 +19,18 @@ from pathlib import Path
 
 import yaml
 
-# Running a file in jobs/ puts jobs/ first on sys.path, where jobs/serve.py would stand in for the `serve` package.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from cluster.ray_env import PROJECT_ROOT, init_ray  # noqa: E402 (after the path fix)
+from cluster.runtime.ray_env import PROJECT_ROOT, init_ray
 
 
 def load_serve_config(path: Path) -> tuple[dict, dict]:
-    """(the application entry, http_options) from a Serve config file such as serve/config.yaml."""
+    """(the application entry, http_options) from a Serve config file such as serving/config.yaml."""
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise SystemExit(f"error: cannot read serve config {path}: {e}")
     apps = (doc or {}).get("applications") or []
     if len(apps) != 1 or "args" not in apps[0]:
-        raise SystemExit(f"error: {path}: expected one application with 'args' (see serve/config.yaml)")
+        raise SystemExit(f"error: {path}: expected one application with 'args' (see serving/config.yaml)")
     return apps[0], dict(doc.get("http_options") or {})
 
 
@@ -56,7 +52,7 @@ def anchored(variant: str | dict, root: Path) -> str | dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "serve" / "config.yaml", help="Serve config file")
+    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "serving" / "config.yaml", help="Serve config file")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME=SOURCE",
                    help="add or replace a variant (checkpoint dir, HF dir or MLflow model URI); repeatable")
     p.add_argument("--only", action="store_true", help="serve only the --variant models, not the config's")
@@ -80,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve as ray_serve
 
-    from serve.auth import API_KEY_ENV
-    from serve.deploy import deploy
+    from serving.auth import API_KEY_ENV
+    from serving.deploy import deploy
 
     how = init_ray(args.address)
     name = app_entry.get("name", "gpt2")

@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from cluster.config import config_for_job, job_parser
-from cluster.early_exit_config import EarlyExitConfig
+from cluster.config.early_exit import EarlyExitConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_for_job(EarlyExitConfig, args)
 
-    from cluster.early_exit import run
-    from cluster.ray_env import init_ray
+    from cluster.runtime.ray_env import init_ray
+    from cluster.train.early_exit import run
 
     init_ray(args.address)
     try:

@@ -19,10 +19,10 @@ torch.set_num_threads(2)
 def ray_session(tmp_path_factory):
     """A local Ray instance for the session, shut down at the end. 4 logical CPUs on 2 cores lets a 2-worker
     Train run and a Data actor pool coexist; tests never assert timings."""
-    from cluster.ray_env import init_ray
-    from cluster.storage import CACHE_ENV
-
     import ray
+
+    from cluster.runtime.ray_env import init_ray
+    from cluster.runtime.storage import CACHE_ENV
 
     # Node-local copies of remote runs and shards go to a temporary folder, not the user's cache; Ray's processes
     # inherit the variable from this one.
@@ -35,7 +35,7 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite, artifacts in a temporary folder) on a free loopback port; yields its URI."""
-    from cluster.tracking import free_port, start_local_server, stop_server
+    from cluster.runtime.local_services import free_port, start_local_server, stop_server
 
     uri = f"http://127.0.0.1:{free_port()}"
     proc = start_local_server(tmp_path_factory.mktemp("mlflow"), uri)

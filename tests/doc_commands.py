@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
              "cluster/README.md"]
 
-PROJECT_PACKAGES = {"benchmarks", "cluster", "gpt2", "jobs", "serve", "tests"}
+PROJECT_PACKAGES = {"benchmarks", "cluster", "gpt2", "jobs", "serving", "tests", "workflow"}
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,14 @@ def script_invocation(command: Command) -> tuple[str, list[str]] | None:
             if rest[0].endswith(".py"):
                 return rest[0], rest[1:]
     return None
+
+
+@lru_cache(maxsize=None)
+def script_help(script: str) -> str:
+    """The --help text of a project script (`jobs/x.py`) or module (`benchmarks.x`), from a subprocess in the
+    repository root, as a user would see it; fails unless it exits 0. Kept for the session: the documentation, device
+    and evaluation tests read the same texts, and each subprocess takes seconds (it imports torch)."""
+    target = ["-m", script] if not script.endswith(".py") else [str(ROOT / script)]
+    out = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"`{script} --help` failed:\n{out.stderr[-2000:]}"
+    return out.stdout

@@ -31,18 +31,17 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import ray  # noqa: E402
 import torch
 import yaml
 from packaging.requirements import Requirement
-
-from cluster.config import load
-from cluster.pretrain_config import PretrainConfig
-from gpt2 import GPT
-from tests.job_loader import load_job
-
-import ray  # noqa: E402
 from ray._private.runtime_env.packaging import FILE_SIZE_WARNING, _dir_travel, _get_excludes  # noqa: E402
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+from cluster.config import load
+from cluster.config.pretrain import PretrainConfig
+from gpt2 import GPT
+from tests.job_loader import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = {"aws": ROOT / "ray_cluster.yaml", "gcp": ROOT / "cluster" / "ray_cluster_gcp.yaml"}
@@ -264,7 +263,8 @@ def test_nodes_install_requirements_and_the_project_as_make_setup_does(cloud):
     assert "-r requirements.txt" in makefile and "--no-deps -e ." in makefile
 
     mounts = config["file_mounts"]
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [pattern.removesuffix("*") for pattern in include]  # "gpt2*": gpt2 and its sub-packages
     for needed in ["requirements.txt", "pyproject.toml", *packages]:
         assert mounts.get(f"{project}/{needed}") == needed
     for remote, local in mounts.items():
@@ -455,7 +455,7 @@ def test_kuberay_jobs_retry_and_a_retry_resumes_the_same_run(script):
     cfg = recipe(repo_path(argv[argv.index("--config") + 1]), *overrides_of(argv))
     assert cfg.run_dir() == f"{SHARED}/runs/pretrain/gpt2-124m-fineweb-edu"
     # Ray Train resumes from RunConfig(storage_path, name): both follow from the config alone.
-    from cluster.pretrain import make_trainer
+    from cluster.train.pretrain import make_trainer
     first, again = make_trainer(cfg).run_config, make_trainer(cfg).run_config
     assert (first.storage_path, first.name) == (again.storage_path, again.name) == (cfg.run_dir(), "train")
     assert cfg.run.max_failures >= 1  # a lost worker is first retried inside the attempt
@@ -550,7 +550,7 @@ def test_runtime_env_excludes_keep_local_state_out():
     for local_state in [".venv/bin/python", "data/fineweb-edu/fineweb-edu_train_000001.bin",
                         "runs/pretrain/x/train/checkpoint_000001/model.safetensors", "mlflow/mlflow.db", ".git/HEAD"]:
         assert excluded(ROOT / local_state), local_state
-    for needed in ["jobs/pretrain.py", "configs/gpt2-124m-fineweb-edu.yaml", "gpt2/model.py", "cluster/pretrain.py"]:
+    for needed in ["jobs/pretrain.py", "configs/gpt2-124m-fineweb-edu.yaml", "gpt2/model.py", "cluster/train/pretrain.py"]:
         assert not excluded(ROOT / needed), needed
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.compression import validation_tokens
+from cluster.eval.compression import validation_tokens
 from gpt2 import GPT, preset
 from gpt2.early_exit import EarlyExitGPT, save_early_exit
 from gpt2.perplexity import evaluate_perplexity
@@ -227,7 +227,7 @@ def test_pre_ln_and_post_ln_train_on_the_same_data_and_seed(data, mlflow_server,
     # Everything a run depends on comes from the seed: the same variant trained again repeats its losses exactly,
     # so the two variants differ only by where their LayerNorms sit.
     from cluster.config import load
-    from cluster.pretrain_config import PretrainConfig
+    from cluster.config.pretrain import PretrainConfig
 
     cfg = load(PretrainConfig, ROOT / "configs" / "norms-local.yaml", norms_overrides(data, tmp_path))
     again = [r["loss"] for r in job.train_one(cfg, "post", CPU, lambda record: None) if "loss" in r]
@@ -261,12 +261,19 @@ def distill_overrides(data: Path, root: Path, *extra: str) -> list[str]:
             "eval.val_batches=2", "eval.report_tokens=300", "eval.decode_tokens=8", f"run.root={root}", *extra]
 
 
-def test_distillation_in_process(data, mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def in_process_distillation(data, mlflow_server, tmp_path_factory) -> tuple[int, Path]:
+    """`jobs/distill.py --in-process` (one worker in this process, accumulating micro-batches to the configured batch)
+    as a user runs it: (its exit code, its run directory). Its losses are also what the Ray Train run must match."""
+    root = tmp_path_factory.mktemp("distill-in-process")
     argv = ["--config", str(ROOT / "configs" / "distill-local.yaml"), "--in-process", "--device", "cpu",
-            *distill_overrides(data, tmp_path, f"run.tracking_uri={mlflow_server}", "run.name=distill-test")]
-    assert load_job("distill").main(argv) == 0
+            *distill_overrides(data, root, f"run.tracking_uri={mlflow_server}", "run.name=distill-test")]
+    return load_job("distill").main(argv), root / "distill" / "distill-test"
 
-    run_dir = tmp_path / "distill" / "distill-test"
+
+def test_distillation_in_process(in_process_distillation, mlflow_server):
+    code, run_dir = in_process_distillation
+    assert code == 0
     student = GPT.from_pretrained(str(run_dir / "final"))
     assert student.config.n_layer == 1
     assert len(student.generate([[464]], 4, temperature=0, stop_at_eot=False)[0]) == 4
@@ -302,11 +309,14 @@ def test_distillation_rejects_bad_configs(data, tmp_path, capsys):
 
 # RAY: this test starts Ray (the ray_session fixture) and runs Ray Train with two workers.
 @pytest.mark.slow
-def test_distill_on_ray_train_matches_the_in_process_loop(ray_session, data, mlflow_server, tmp_path):
+def test_distill_on_ray_train_matches_the_in_process_loop(ray_session, data, mlflow_server, in_process_distillation,
+                                                         tmp_path):
     """Two DDP workers on Ray Train take the same steps as one worker in this process accumulating two micro-batches:
-    the same windows per step, and DDP's gradient mean equals the accumulated mean."""
+    the same windows per step, and DDP's gradient mean equals the accumulated mean. The in-process side is the run
+    of test_distillation_in_process (the same settings: --in-process runs one worker, no intermediate checkpoints)."""
     from cluster.config import load
-    from cluster.distill import DistillConfig, compare_with_teacher, run_distillation, run_in_process
+    from cluster.config.distill import DistillConfig
+    from cluster.train.distill import compare_with_teacher, run_distillation
 
     def config(name: str, workers: int) -> DistillConfig:
         return load(DistillConfig, ROOT / "configs" / "distill-local.yaml", distill_overrides(
@@ -316,13 +326,13 @@ def test_distill_on_ray_train_matches_the_in_process_loop(ray_session, data, mlf
     on_ray = config("distill-ray", 2)
     result = run_distillation(on_ray, mlflow_server)
     assert result.error is None and result.checkpoint is not None
-    in_process = config("distill-local-loop", 1)
-    run_in_process(in_process, CPU, mlflow_server)
+    code, in_process_dir = in_process_distillation
+    assert code == 0
 
-    from cluster.tracking import read_metrics
+    from cluster.runtime.tracking import read_metrics
 
     ray_losses = [r["loss"] for r in read_metrics(on_ray.run_dir()) if "loss" in r]
-    local_losses = [r["loss"] for r in read_metrics(in_process.run_dir()) if "loss" in r]
+    local_losses = [r["loss"] for r in read_metrics(in_process_dir) if "loss" in r]
     assert len(ray_losses) == 6 and ray_losses == pytest.approx(local_losses, rel=1e-4)
     teacher, student = compare_with_teacher(on_ray, CPU, mlflow_server)
     assert math.isfinite(student.perplexity) and student.parameters < teacher.parameters

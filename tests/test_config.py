@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.config import ConfigError, load
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.pretrain import PretrainConfig
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import gpt2.device as device_module
 from gpt2.device import choose, default_dtype, describe, parse_dtype, pick_device
-from tests.job_loader import ROOT
+from tests.doc_commands import script_help
 
 
 @pytest.fixture
@@ -75,6 +72,5 @@ def test_this_machine_runs_on_cpu_and_says_so():
 
 @pytest.mark.parametrize("job", ["generate.py", "evaluate.py"])
 def test_jobs_that_run_a_model_take_device_and_dtype(job):
-    done = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert "--device" in done.stdout and "--dtype" in done.stdout
+    help_text = script_help(f"jobs/{job}")  # a `--help` subprocess; fails unless it exits 0
+    assert "--device" in help_text and "--dtype" in help_text

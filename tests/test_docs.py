@@ -13,26 +13,19 @@ from functools import lru_cache
 
 import pytest
 
-from tests.doc_commands import ROOT, Command, documented_commands, script_invocation
+from tests.doc_commands import ROOT, Command, documented_commands, script_help, script_invocation
 
 COMMANDS = documented_commands()
 # Files of this repository that documented commands name (other paths are the user's: runs/..., data/..., DIR).
 REPO_PATH = re.compile(r"^(?:configs|serve|cluster|benchmarks|jobs|docs|tests)/[\w./-]+\.(?:yaml|py|md|json)$")
 
 
-def _help(script: str) -> str:
-    """The --help text of a project script or module, from a subprocess as a user would see it."""
-    target = ["-m", script] if not script.endswith(".py") else [str(ROOT / script)]
-    out = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"`{script} --help` failed:\n{out.stderr[-2000:]}"
-    return out.stdout
-
-
 @lru_cache(maxsize=1)
 def _helps() -> dict[str, str]:
+    """The --help text of every documented script or module (see script_help), two subprocesses at a time."""
     scripts = sorted({inv[0] for c in COMMANDS if (inv := script_invocation(c))})
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(scripts, pool.map(_help, scripts)))
+        return dict(zip(scripts, pool.map(script_help, scripts)))
 
 
 def test_the_documents_hold_the_commands_users_copy():

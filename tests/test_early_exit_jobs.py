@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cluster.config import load
-from cluster.early_exit import choose_tau, train_and_calibrate
-from cluster.early_exit_config import EarlyExitConfig
-from cluster.models import load_model
+from cluster.config.early_exit import EarlyExitConfig
+from cluster.runtime.models import load_model
+from cluster.train.early_exit import choose_tau, train_and_calibrate
 from gpt2 import GPT, GPTConfig, preset
 from gpt2.early_exit import EarlyExitGPT, ExitClassifier, load_early_exit, save_early_exit
 from gpt2.generate import generate
@@ -174,7 +174,7 @@ def test_ray_train_job_two_workers_registers_an_early_exit_variant(
 ):
     """Needs Ray: the job as it runs on a cluster, two workers each extracting features from their own training
     windows and training the classifier under DDP; the model is registered and loads back from MLflow as early exit."""
-    from cluster.early_exit import run
+    from cluster.train.early_exit import run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # for resolving models:/ in this process
     cfg = config(pair_data, tmp_path, "scaling.num_workers=2", "scaling.threads_per_worker=1", "run.name=on-ray",

@@ -12,8 +12,8 @@ import torch
 from gpt2 import EOT_TOKEN, GPT, preset
 from gpt2.generate import SamplingParams, generate
 from gpt2.tokenizer import get_tokenizer
-from serve.engine import DecodeEngine, EngineOverloaded, Finished, PromptLogprobs, Token
-from serve.protocol import APIError, CompletionRequest, Limits, StopMatcher, StopText, check_request
+from serving.engine import DecodeEngine, EngineOverloaded, Finished, PromptLogprobs, Token
+from serving.protocol import APIError, CompletionRequest, Limits, StopMatcher, StopText, check_request
 
 
 class Collector:
@@ -308,7 +308,7 @@ def test_ignore_eos_keeps_generating_through_end_of_text():
 def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
     import asyncio
 
-    from serve.completions import held_until_finish
+    from serving.completions import held_until_finish
 
     async def events():
         for e in ({"event": "start", "choices": 2}, {"event": "text", "index": 0, "text": "He"},
@@ -332,7 +332,7 @@ def test_a_request_past_its_deadline_ends_with_length_and_frees_its_rows(model):
     """request_timeout_s: what the request has when its time is up is its answer; its rows go back to the engine."""
     import asyncio
 
-    from serve.completions import run_completion
+    from serving.completions import run_completion
 
     e = DecodeEngine(model, max_batch=2)
     try:

@@ -6,17 +6,16 @@ import importlib.util
 import json
 import math
 import re
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from cluster.evaluation import ActorPool, EvalSettings, compute_metrics, evaluate
+from cluster.eval.evaluation import ActorPool, EvalSettings, compute_metrics, evaluate
 from gpt2.hellaswag import load_hellaswag
 from gpt2.perplexity import evaluate_perplexity, plan_windows, text_tokens
+from tests.doc_commands import script_help
 from tests.test_hellaswag import EXAMPLES, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +179,7 @@ def test_job_compares_a_checkpoint_with_the_same_weights_saved_by_transformers(j
 
 
 def test_job_names_an_unreachable_mlflow_model_and_conflicting_options(job_inputs, monkeypatch):
-    from cluster.tracking import free_port
+    from cluster.runtime.local_services import free_port
 
     checkpoint, hellaswag, text = job_inputs
     job = load_job()
@@ -192,18 +191,16 @@ def test_job_names_an_unreachable_mlflow_model_and_conflicting_options(job_input
 
 
 def test_job_help():
-    job = ROOT / "jobs" / "evaluate.py"
-    done = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    help_text = script_help("jobs/evaluate.py")  # a `--help` subprocess; fails unless it exits 0
     for option in ("--model", "--hellaswag", "--text", "--stride", "--actors", "--output"):
-        assert option in done.stdout
+        assert option in help_text
 
 
 def test_job_scores_shards_and_logs_into_the_training_run(tiny_model, tmp_path, mlflow_server, monkeypatch, capsys):
     """A checkpoint inside a tracked run directory: its evaluation lands in that run; shard val loss is a metric."""
     from mlflow.tracking import MlflowClient
 
-    from cluster.tracking import RunLogger
+    from cluster.runtime.tracking import RunLogger
     from gpt2.perplexity import evaluate_perplexity
     from gpt2.shards import split_tokens
     from tests.pretrain_fixtures import write_python_docs_shards

@@ -62,7 +62,7 @@ def test_files_are_read_with_errors_naming_the_file(tmp_path):
 
 
 def test_split_txt_reports_problems_with_their_lines_and_keeps_going():
-    # The lenient form that the Ray Data readers (cluster/sources.py) use: problems are yielded, not raised.
+    # The lenient form that the Ray Data readers (cluster/data/sources.py) use: problems are yielded, not raised.
     data = "<LOC>one</LOC>\nstray\n<LOC>two\nlines</LOC>\n<LOC>open".encode()
     assert list(split_txt(data, "<LOC>...</LOC>")) == [
         (b"one", 1, None),

@@ -71,7 +71,7 @@ def test_hugging_face_directory_and_mlflow_uri_give_the_checkpoints_text(checkpo
     import mlflow
     from transformers import GPT2LMHeadModel
 
-    from cluster.mlflow_model import log_checkpoint_model
+    from cluster.runtime.mlflow_model import log_checkpoint_model
 
     greedy = ("--prompt", PROMPT, "--max-tokens", "10", "--temperature", "0")
     expected = library_samples(checkpoint, 1, 10, temperature=0)

@@ -1,11 +1,11 @@
-"""What `make demo` shows of the pipeline job's output (cluster/job_console.py), fed with lines in the formats a
+"""What `make demo` shows of the pipeline job's output (cluster/runtime/job_console.py), fed with lines in the formats a
 real `ray job submit` of the pipeline printed: everything reaches the log file, people see the stages."""
 
 from __future__ import annotations
 
 import io
 
-from cluster.job_console import JobConsole
+from cluster.runtime.job_console import JobConsole
 
 ESC = "\x1b"
 WORKER = f"{ESC}[36m(RayTrainWorker pid=29493){ESC}[0m "
@@ -109,7 +109,7 @@ def test_errors_and_tracebacks_are_shown_in_full_and_a_failure_shows_the_end_of_
     lines = [
         "[evaluate] running",
         f"{WORKER}Traceback (most recent call last):",
-        f'{WORKER}  File "/runs/cluster/evaluation.py", line 12, in score',
+        f'{WORKER}  File "/runs/cluster/eval/evaluation.py", line 12, in score',
         f"{WORKER}    raise ValueError('bad example')",
         f"{WORKER}ValueError: bad example",
         f"{WORKER}an actor's ordinary print",
@@ -120,7 +120,7 @@ def test_errors_and_tracebacks_are_shown_in_full_and_a_failure_shows_the_end_of_
     assert shown == [
         "[evaluate] running",
         "Traceback (most recent call last):",
-        '  File "/runs/cluster/evaluation.py", line 12, in score',
+        '  File "/runs/cluster/eval/evaluation.py", line 12, in score',
         "    raise ValueError('bad example')",
         "ValueError: bad example",
         "WARNING: the model in /runs/x was not logged or registered in MLflow at http://127.0.0.1:5000: boom",

@@ -25,7 +25,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 # ray imported first: Ray reads its authentication mode at import, before the project could set it.
 DRIVER = """
 import ray
-from cluster.ray_env import init_ray
+from cluster.runtime.ray_env import init_ray
 how = init_ray()
 print(how, ray.get(ray.remote(lambda: 6 * 7).remote()))
 """

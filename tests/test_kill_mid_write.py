@@ -244,8 +244,8 @@ def test_a_manifest_killed_mid_write_is_the_old_or_the_new_one_whole(tmp_path):
 
 
 def prepare_config(corpus: str, out: str):
-    from cluster.data_pipeline import PrepareConfig
-    from cluster.sources import SourceSpec
+    from cluster.data.prepare import PrepareConfig
+    from cluster.data.sources import SourceSpec
 
     return PrepareConfig(SourceSpec("files", (corpus,)), out, "kill", shard_tokens=60, val_tokens=40, tokenizers=1)
 
@@ -253,8 +253,8 @@ def prepare_config(corpus: str, out: str):
 def prepare_and_die_writing_the_manifest(address: str, corpus: str, out: str) -> None:
     """Run by a driver process of its own: the data preparation job on the test's Ray instance, SIGKILLed once the
     manifest's bytes are written to their temporary name, before they are flushed and renamed."""
-    from cluster.data_pipeline import prepare_data
-    from cluster.ray_env import init_ray
+    from cluster.data.prepare import prepare_data
+    from cluster.runtime.ray_env import init_ray
 
     init_ray(address)
     fsync = os.fsync
@@ -270,7 +270,7 @@ def prepare_and_die_writing_the_manifest(address: str, corpus: str, out: str) ->
 
 @pytest.mark.slow
 def test_data_preparation_killed_writing_its_manifest_is_rebuilt_by_the_next_run(ray_session, tmp_path):
-    from cluster.data_pipeline import MARKER_NAME, prepare_data
+    from cluster.data.prepare import MARKER_NAME, prepare_data
 
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     corpus.mkdir()

@@ -18,7 +18,7 @@ import torch
 
 from gpt2 import GPT, preset
 from gpt2.hellaswag import load_hellaswag, score_examples
-from serve.deploy import deploy
+from serving.deploy import deploy
 from tests.job_loader import load_job
 from tests.test_hellaswag import EXAMPLES, write_jsonl
 
@@ -55,7 +55,7 @@ UTILS = "from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n"
 def served(tmp_path_factory):
     from ray import serve as ray_serve
 
-    from cluster.tracking import free_port
+    from cluster.runtime.local_services import free_port
 
     root = tmp_path_factory.mktemp("lm-eval")
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from cluster import local_services
-from cluster.tracking import free_port
+from cluster.runtime import local_services
+from cluster.runtime.local_services import free_port
 
 
 def serve(status: int) -> HTTPServer:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from cluster.config import load
-from cluster.pretrain import _card_fields
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.pretrain import PretrainConfig
+from cluster.train.pretrain import _card_fields
 from gpt2 import GPT, preset
 from gpt2.model_card import (
     CARD_FILE,
@@ -101,7 +101,8 @@ def test_shards_description_without_a_manifest(tmp_path):
 def test_the_registered_mlflow_model_carries_the_card(tmp_path, mlflow_server):
     import mlflow
 
-    from cluster.mlflow_model import checkpoint_dir_of, log_checkpoint_model
+    from cluster.runtime.mlflow_model import log_checkpoint_model
+    from cluster.runtime.models import checkpoint_dir_of
 
     torch.manual_seed(0)
     model = GPT(preset("tiny"))

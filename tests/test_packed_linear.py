@@ -58,7 +58,7 @@ def test_only_plain_float_linears_on_the_cpu_are_replaced():
 
 
 def test_served_variants_are_packed_on_the_cpu(tmp_path):
-    from serve.variants import VariantSpec, load_variant
+    from serving.variants import VariantSpec, load_variant
 
     torch.manual_seed(0)
     GPT(preset("tiny")).save_pretrained(tmp_path / "m")

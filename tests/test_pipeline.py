@@ -9,18 +9,22 @@ import urllib.request
 import pytest
 
 from cluster.config import load
-from cluster.pipeline import STAGES, PipelineConfig, run_pipeline, summary_table
+from workflow.pipeline import STAGES, PipelineConfig, run_pipeline, summary_table
 
 
 def tiny_pipeline(tmp_path, port: int) -> PipelineConfig:
+    """Tiny stages. The evaluate stage's perplexity pass over the validation split and the fine-tune stage's two
+    search trials are the longest pieces of work, so they use both cores: two scoring actors (the default) and both
+    trials at once (a trial's only epoch is done before ASHA could stop it, so the order of the trials changes
+    nothing)."""
     return load(PipelineConfig, None, [
         f"root={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}", f"domain_dir={tmp_path / 'domain'}",
-        "name=tiny", f"serve_port={port}", "cloze_examples=8", "eval_actors=1",
+        "name=tiny", f"serve_port={port}", "cloze_examples=8", "eval_actors=2",
         "pretrain_overrides=[model.preset=tiny, train.seq_len=32, train.micro_batch=2,"
         " train.total_batch_tokens=64, train.max_steps=4, train.warmup_steps=1, train.autocast=fp32,"
         " eval.val_every=2, eval.val_batches=2, eval.sample_every=0, checkpoint.every=0, scaling.num_workers=1]",
         "finetune_overrides=[data.max_documents=12, data.seq_len=64, train.micro_batch=4, train.epochs=1,"
-        " train.autocast=fp32, search.epochs=1, 'search.lrs=[1.0e-3, 1.0e-4]', search.max_concurrent=1,"
+        " train.autocast=fp32, search.epochs=1, 'search.lrs=[1.0e-3, 1.0e-4]', search.max_concurrent=2,"
         " samples.max_tokens=8]",
         "early_exit_overrides=[model.exit_layer=1, data.seq_len=32, data.micro_batch=4, data.train_batches=4,"
         " data.val_batches=2, classifier.epochs=2, scaling.threads_per_worker=1]",
@@ -45,7 +49,7 @@ def assert_one_registered_model_per_kind(uri: str, early_exit_versions: int) -> 
 def test_pipeline_runs_every_stage_then_reuses_them(ray_session, mlflow_server, tmp_path):
     from ray import serve as ray_serve
 
-    from cluster.tracking import free_port
+    from cluster.runtime.local_services import free_port
 
     cfg = tiny_pipeline(tmp_path, free_port())
     try:

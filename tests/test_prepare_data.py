@@ -22,14 +22,14 @@ import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from cluster.data_pipeline import (
+from cluster.data.prepare import (
     MARKER_NAME,
     PrepareConfig,
-    copy_shards_to_local,
     prepare_data,
     write_shards,
 )
-from cluster.sources import BadSourceError, SourceSpec, fineweb_edu_location, read_documents, resolve_source
+from cluster.data.sources import BadSourceError, SourceSpec, fineweb_edu_location, read_documents, resolve_source
+from cluster.runtime.storage import copy_shards_to_local
 from gpt2.config import EOT_TOKEN
 from gpt2.corpus import python_docs_documents
 from gpt2.data import ShardedTokenLoader
@@ -443,5 +443,5 @@ def test_an_object_storage_output_is_refused_before_anything_runs(capsys):
 def test_the_tokenizer_workers_code_does_not_import_torch():
     # Every Ray Data worker of this job imports these modules; torch would cost each one about a second of CPU and
     # 150 MB before its first document.
-    code = "import sys, cluster.data_pipeline, gpt2.tokenizer; sys.exit('torch' in sys.modules)"
+    code = "import sys, cluster.data.prepare, gpt2.tokenizer; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0

@@ -1,4 +1,10 @@
-"""Pretraining through Ray Train on 2 CPU workers, tracked by a real MLflow server on loopback."""
+"""Pretraining through Ray Train on 2 CPU workers, tracked by a real MLflow server on loopback.
+
+Every Ray Train run costs far more in start-up and export than in its few tiny steps, so a run feeds every test whose
+scenario it is (module fixtures): the learning test's uninterrupted run is also the reference that interrupted and
+accumulating runs must reproduce; the run whose worker is killed tracks to a port where no MLflow server listens, so it
+is also the unreachable-server test's run; and the run whose MLflow server is stopped mid-run is one worker
+accumulating micro-steps, so it is also the accumulation test's run."""
 
 from __future__ import annotations
 
@@ -15,12 +21,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster import storage
 from cluster.config import load
-from cluster.pretrain import run_pretraining
-from cluster.pretrain_config import PretrainConfig
-from cluster.tracking import free_port, read_metrics
+from cluster.config.pretrain import PretrainConfig
+from cluster.runtime import storage
+from cluster.runtime.local_services import free_port
+from cluster.runtime.tracking import read_metrics
+from cluster.train.pretrain import run_pretraining
 from gpt2 import GPT
+from gpt2.train import lr_at
 from tests.drivers import kill_driver_when
 from tests.pretrain_fixtures import write_python_docs_shards
 
@@ -31,11 +39,13 @@ def shards(tmp_path_factory):
 
 
 def tiny_overrides(shards: Path | str, root: Path | str, name: str, *overrides: str) -> list[str]:
+    """8 steps of 128 tokens on 2 workers, validated and checkpointed every 4: the reference run's settings, which
+    the interrupted runs share (their losses must equal its losses step for step)."""
     return [
         "model.preset=tiny", "model.block_size=64", f"data.shards={shards}", "train.seq_len=32",
-        "train.micro_batch=2", "train.total_batch_tokens=128", "train.max_steps=6", "train.warmup_steps=2",
-        "train.max_lr=1e-2", "train.autocast=fp32", "eval.val_every=3", "eval.val_batches=4", "eval.sample_every=0",
-        "eval.sample_tokens=8", "checkpoint.every=3", "scaling.num_workers=2", "scaling.use_gpu=false",
+        "train.micro_batch=2", "train.total_batch_tokens=128", "train.max_steps=8", "train.warmup_steps=2",
+        "train.max_lr=1e-2", "train.autocast=fp32", "eval.val_every=4", "eval.val_batches=4", "eval.sample_every=0",
+        "eval.sample_tokens=8", "checkpoint.every=4", "scaling.num_workers=2", "scaling.use_gpu=false",
         f"run.root={root}", f"run.name={name}", *overrides,
     ]
 
@@ -57,14 +67,19 @@ HELLASWAG_LINES = [
 ]
 
 
-def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_server, tmp_path):
-    hellaswag = tmp_path / "hellaswag.jsonl"
+@pytest.fixture(scope="module")
+def learn_run(ray_session, shards, mlflow_server, tmp_path_factory):
+    """The module's uninterrupted run: 8 steps on 2 workers, validated, HellaSwag-scored and checkpointed every 4
+    steps, tracked by the session's MLflow server. (config, Ray Train result)."""
+    root = tmp_path_factory.mktemp("learn")
+    hellaswag = root / "hellaswag.jsonl"
     hellaswag.write_text("".join(json.dumps(line) + "\n" for line in HELLASWAG_LINES))
-    cfg = tiny_config(
-        shards, tmp_path, "learn", "train.max_steps=8", "checkpoint.every=4", "eval.val_every=4",
-        "eval.hellaswag_every=4", f"eval.hellaswag_path={hellaswag}",
-    )
-    result = run_pretraining(cfg, mlflow_server)
+    cfg = tiny_config(shards, root, "learn", "eval.hellaswag_every=4", f"eval.hellaswag_path={hellaswag}")
+    return cfg, run_pretraining(cfg, mlflow_server)
+
+
+def test_two_workers_learn_checkpoint_and_track(learn_run, mlflow_server):
+    cfg, result = learn_run
     assert result.error is None
     rows = read_metrics(cfg.run_dir())
     loss = [r["loss"] for r in rows if "loss" in r]
@@ -107,11 +122,15 @@ def test_two_workers_learn_checkpoint_and_track(ray_session, shards, mlflow_serv
 
 
 @pytest.fixture(scope="module")
-def reference_losses(ray_session, shards, mlflow_server, tmp_path_factory):
-    """The loss sequence of an uninterrupted 6-step run, to compare interrupted runs against."""
-    cfg = tiny_config(shards, tmp_path_factory.mktemp("reference"), "full")
-    assert run_pretraining(cfg, mlflow_server).error is None
-    return losses(cfg)
+def reference_losses(learn_run):
+    """The loss sequence of the uninterrupted 8-step run (learn_run), to compare interrupted runs against. Runs that
+    validate, score HellaSwag or checkpoint less often must match it exactly: evaluation and checkpoints read the
+    model, they never change the training."""
+    cfg, result = learn_run
+    assert result.error is None, result.error
+    ref = losses(cfg)
+    assert len(ref) == 8
+    return ref
 
 
 def test_remote_run_root_and_shards_resume_on_a_node_that_never_saw_the_run(
@@ -133,27 +152,36 @@ def test_remote_run_root_and_shards_resume_on_a_node_that_never_saw_the_run(
     assert run_pretraining(resumed, mlflow_server).error is None
     assert [r["loss"] for r in read_metrics(run_dir) if "loss" in r] == reference_losses
     assert (run_dir / "mlflow_run_id").read_text() == first_run_id
-    assert sorted({m.step for m in MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")}) == list(range(6))
+    assert sorted({m.step for m in MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")}) == list(range(8))
     GPT.from_pretrained(str(run_dir / "final"))
     assert any((run_dir / "train").glob("checkpoint_*/trainer_state.pt"))
     assert not list(Path.cwd().glob("file:*"))  # URIs are never taken for local relative paths
 
 
-def test_killed_worker_restarts_from_checkpoint_bit_for_bit(ray_session, shards, mlflow_server, reference_losses, tmp_path):
-    cfg = tiny_config(shards, tmp_path, "killed", "eval.val_every=0")
+@pytest.fixture(scope="module")
+def offline_killed_worker_run(ray_session, shards, tmp_path_factory):
+    """A run of the reference's settings (no validation), tracking to a loopback port where no MLflow server
+    listens, one of whose two workers is SIGKILLed once the checkpoint after 4 steps exists. (config, result)."""
+    cfg = tiny_config(shards, tmp_path_factory.mktemp("killed"), "killed", "eval.val_every=0")
+    uri = f"http://127.0.0.1:{free_port()}"
     outcome = {}
-    fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, mlflow_server)))
+    fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
     fit.start()
     deadline = time.monotonic() + 300
-    while len(losses(cfg)) < 4:  # the step-3 checkpoint exists once step 4 is logged
-        assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 4"
+    while len(losses(cfg)) < 5:  # the checkpoint after 4 steps exists once step 5 is logged
+        assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 5"
         time.sleep(0.2)
     workers = alive_train_workers(ray_session)
     killed_at = time.monotonic()
     os.kill(workers[-1].pid, signal.SIGKILL)
     fit.join(timeout=600)
-    assert outcome["result"].error is None
     print(f"recovered and finished {time.monotonic() - killed_at:.1f}s after the kill")
+    return cfg, outcome.get("result")
+
+
+def test_killed_worker_restarts_from_checkpoint_bit_for_bit(offline_killed_worker_run, reference_losses):
+    cfg, result = offline_killed_worker_run
+    assert result.error is None
     assert losses(cfg) == reference_losses
 
 
@@ -187,7 +215,7 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
     kill_driver_when([sys.executable, "jobs/pretrain.py", "--address", gcs, *overrides], tmp_path / "driver.log",
                      lambda: bool(registered_checkpoints(cfg)), "the registration of a checkpoint")
     killed_at = time.monotonic()
-    assert len(losses(cfg)) < 6, "the run finished before the driver was killed"
+    assert len(losses(cfg)) < 8, "the run finished before the driver was killed"
     first_run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
     while alive_train_workers(ray_session):  # Ray ends a dead driver's actors; the new run must not race them
         assert time.monotonic() < killed_at + 120, "the killed driver's workers were never stopped"
@@ -205,50 +233,60 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
     assert losses(cfg) == reference_losses
     assert (Path(cfg.run_dir()) / "mlflow_run_id").read_text() == first_run_id
     run = MlflowClient(mlflow_server).get_run(first_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "3"
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "4"
     history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
-    assert sorted({m.step for m in history}) == list(range(6))
+    assert sorted({m.step for m in history}) == list(range(8))
 
 
-def test_unreachable_mlflow_keeps_metrics_locally(ray_session, shards, tmp_path):
-    cfg = tiny_config(shards, tmp_path, "offline", "train.max_steps=3", "eval.val_every=0", "checkpoint.every=0")
-    result = run_pretraining(cfg, f"http://127.0.0.1:{free_port()}")
+def test_unreachable_mlflow_keeps_metrics_locally(offline_killed_worker_run):
+    """No MLflow server answers (from the start, and for the worker group Ray Train restarts after the kill): the run
+    completes, with every step in metrics.jsonl and the final model exported."""
+    cfg, result = offline_killed_worker_run
     assert result.error is None
-    assert len(losses(cfg)) == 3
+    assert len(losses(cfg)) == 8
     assert (Path(cfg.run_dir()) / "final" / "model.safetensors").exists()
 
 
-def test_mlflow_stopped_during_training_loses_nothing(ray_session, shards, tmp_path):
-    """A tracking server of its own, stopped after the run has logged to it: training completes, every step stays
-    in metrics.jsonl, and what reached the server before it went away is there."""
-    from cluster.tracking import start_local_server, stop_server
+@pytest.fixture(scope="module")
+def server_stopped_run(ray_session, shards, tmp_path_factory):
+    """12 steps on 1 worker accumulating 2 micro-steps per step (the reference run's global batch), no validation and
+    no checkpoint before the end, tracked by an MLflow server of its own that is stopped once the run has logged 2
+    steps. (config, result, steps logged when the server was gone, the server's store URI)."""
+    from cluster.runtime.local_services import start_local_server, stop_server
 
+    root = tmp_path_factory.mktemp("outage")
     uri = f"http://127.0.0.1:{free_port()}"
-    server = start_local_server(tmp_path / "mlflow", uri)
+    server = start_local_server(root / "mlflow", uri)
     threading.Thread(target=server.wait, daemon=True).start()
-    cfg = tiny_config(shards, tmp_path, "outage", "eval.val_every=0", "checkpoint.every=0", "train.max_steps=12")
+    cfg = tiny_config(shards, root, "outage", "scaling.num_workers=1", "eval.val_every=0", "checkpoint.every=0",
+                      "train.max_steps=12")
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
     fit.start()
-    deadline = time.monotonic() + 300
-    while len(losses(cfg)) < 2:
-        assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 2"
-        time.sleep(0.05)
-    stop_server(server.pid)
+    try:
+        deadline = time.monotonic() + 300
+        while len(losses(cfg)) < 2:
+            assert time.monotonic() < deadline and fit.is_alive(), "training did not reach step 2"
+            time.sleep(0.05)
+    finally:
+        stop_server(server.pid)
     stopped_after = len(losses(cfg))
     fit.join(timeout=600)
-    assert outcome["result"].error is None
+    return cfg, outcome.get("result"), stopped_after, f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+
+
+def test_mlflow_stopped_during_training_loses_nothing(server_stopped_run):
+    """A tracking server of its own, stopped after the run has logged to it: training completes, every step stays
+    in metrics.jsonl, and what reached the server before it went away is there (read from the server's own SQLite
+    store with MLflow's client, rather than by starting the server again)."""
+    cfg, result, stopped_after, store_uri = server_stopped_run
+    assert result.error is None
     assert stopped_after < 12, "training finished before the server was stopped"
     assert [r["step"] for r in read_metrics(cfg.run_dir()) if "loss" in r] == list(range(12))
     assert (Path(cfg.run_dir()) / "final" / "model.safetensors").exists()
     run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
-    server = start_local_server(tmp_path / "mlflow", uri)  # back up, to read what it holds
-    try:
-        logged = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
-        assert logged == list(range(len(logged))) and len(logged) >= 1
-    finally:
-        threading.Thread(target=server.wait, daemon=True).start()
-        stop_server(server.pid)
+    logged = [m.step for m in MlflowClient(store_uri).get_metric_history(run_id, "loss")]
+    assert logged == list(range(len(logged))) and len(logged) >= 1
 
 
 def test_bad_config_fails_before_any_worker_starts(tmp_path):
@@ -259,13 +297,16 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path):
     assert out.returncode != 0 and "train.nope" in out.stderr
 
 
-def test_one_worker_accumulating_equals_two_workers(ray_session, shards, tmp_path):
-    """The same global batch as 1 worker × 2 accumulation micro-steps and as 2 workers × 1: same losses."""
-    common = ("train.max_steps=3", "eval.val_every=0", "checkpoint.every=0")
-    accumulating = tiny_config(shards, tmp_path, "accum", "scaling.num_workers=1", *common)
-    parallel = tiny_config(shards, tmp_path, "ddp", "scaling.num_workers=2", *common)
+def test_one_worker_accumulating_equals_two_workers(server_stopped_run, learn_run, reference_losses):
+    """The same global batch as 1 worker × 2 accumulation micro-steps (the server-outage run) and as 2 workers × 1
+    (the reference run): same losses. The two runs' schedules differ in length (12 and 8 steps), which changes no
+    learning rate before step 3 (warmup to the peak over steps 0-1, the peak at step 2, where the decay starts), so the
+    losses of steps 0-3 must agree."""
+    accumulating, result, _, _ = server_stopped_run
+    parallel, _ = learn_run
+    assert accumulating.scaling.num_workers == 1 and parallel.scaling.num_workers == 2
     assert accumulating.train.grad_accum_steps(1) == 2 and parallel.train.grad_accum_steps(2) == 1
-    for cfg in (accumulating, parallel):
-        assert run_pretraining(cfg, f"http://127.0.0.1:{free_port()}").error is None
-    assert losses(accumulating) == pytest.approx(losses(parallel), abs=1e-5)
-    assert len(losses(accumulating)) == 3
+    assert [lr_at(s, accumulating.train) for s in range(3)] == [lr_at(s, parallel.train) for s in range(3)]
+    assert result.error is None
+    assert len(losses(accumulating)) == 12
+    assert losses(accumulating)[:4] == pytest.approx(reference_losses[:4], abs=1e-5)

@@ -22,14 +22,14 @@ from mlflow import MlflowClient
 from mlflow.types import DataType
 
 from cluster.config import load
-from cluster.evaluation import log_evaluation
-from cluster.pretrain_config import PretrainConfig
-from cluster.registry import CHAMPION, default_name
-from cluster.tracking import RunLogger, free_port
+from cluster.config.pretrain import PretrainConfig
+from cluster.eval.evaluation import log_evaluation
+from cluster.runtime.local_services import free_port
+from cluster.runtime.registry import CHAMPION, default_name
+from cluster.runtime.tracking import RunLogger
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.generate import generate
-from gpt2.model_card import split_front_matter
-from gpt2.model_card import write_model_card
+from gpt2.model_card import split_front_matter, write_model_card
 from tests.job_loader import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_one_registered_model_per_kind_with_card_tags_and_aliases(registry, mlfl
 def test_champion_stays_with_the_lowest_val_loss_while_latest_is_the_newest(registry, mlflow_server, monkeypatch):
     """A fourth run that does worse is `models:/NAME/latest` (MLflow's own; `latest` is no alias name MLflow
     accepts) but does not take `champion`."""
-    from cluster.models import load_model
+    from cluster.runtime.models import load_model
 
     run_dir = registry["root"] / "pretrain-worse"
     logger = RunLogger(run_dir, experiment="registry-test", run_name="reg", uri=mlflow_server)
@@ -163,15 +163,15 @@ def test_the_signature_input_example_and_code_travel_with_the_model(registry, ml
     assert info.saved_input_example_info is not None
     model = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     assert (model / "code" / "gpt2" / "generate.py").is_file()
-    assert (model / "code" / "cluster" / "mlflow_model.py").is_file()
+    assert (model / "code" / "cluster" / "runtime" / "mlflow_model.py").is_file()
     assert "torch==2.13.0" in (model / "requirements.txt").read_text().split()
     example = json.loads((model / "serving_input_example.json").read_text())
     assert example == {"inputs": ["Once upon a time"], "params": {"max_tokens": 8}}
 
 
 def test_jobs_and_the_server_take_an_alias_uri(registry, mlflow_server, monkeypatch, capsys):
-    """cluster.models.load_model is how the server's variants and every job resolve a model source."""
-    from cluster.models import load_model
+    """cluster.runtime.models.load_model is how the server's variants and every job resolve a model source."""
+    from cluster.runtime.models import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     _, champion = registry["runs"][2]

@@ -18,11 +18,12 @@ from typing import Callable
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster import storage
-from cluster.pipeline import Pipeline, PipelineConfig
-from cluster.tracking import RunLogger, free_port, read_metrics
+from cluster.runtime import storage
+from cluster.runtime.local_services import free_port
+from cluster.runtime.tracking import RunLogger, read_metrics
 from gpt2.durable import PARTIAL_SUFFIX
 from tests.drivers import kill_driver_when
+from workflow.pipeline import Pipeline, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_a_torn_last_line_is_left_out_by_readers_and_cut_off_by_the_next_logger(
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
     assert jsonl.read_text() == complete + torn  # a reader changes nothing: the writer may be mid-append
 
-    with caplog.at_level(logging.WARNING, logger="cluster.tracking"):
+    with caplog.at_level(logging.WARNING, logger="cluster.runtime.tracking"):
         logger = RunLogger(tmp_path, experiment="torn", run_name="r", uri=unreachable())
     assert f"{jsonl}: dropped its last {len(torn)} bytes" in caplog.text
     assert jsonl.read_text() == complete
@@ -79,7 +80,7 @@ def test_a_torn_line_with_records_after_it_is_an_error_naming_the_file_and_line(
 
 APPEND_FOREVER = """
 import resource, signal, sys
-from cluster.tracking import RunLogger, read_metrics
+from cluster.runtime.tracking import RunLogger, read_metrics
 logger = RunLogger(sys.argv[1], experiment="kill", run_name="r", uri=sys.argv[2])
 if len(sys.argv) > 3:  # the kernel kills the process (SIGXFSZ; Python ignores it) in the write crossing this size
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
@@ -122,7 +123,7 @@ def test_writers_killed_while_appending_leave_a_file_the_next_logger_continues(t
 
 LOG_OFFLINE_THEN_WAIT = """
 import sys, time
-from cluster.tracking import RunLogger
+from cluster.runtime.tracking import RunLogger
 logger = RunLogger(sys.argv[1], uri=sys.argv[2])  # resumes the run named in the directory's mlflow_run_id
 for step in range(2, 5):
     logger.log_metrics({"loss": 1.0 / (step + 1)}, step)
@@ -166,7 +167,7 @@ def test_metrics_held_back_by_a_killed_process_are_uploaded_once_by_the_next_log
 UPLOAD_FROM_FIFO = """
 import sys
 from pathlib import Path
-from cluster import storage
+from cluster.runtime import storage
 fs, root = storage._filesystem(sys.argv[1])
 storage._upload_file(Path(sys.argv[2]), fs, root + "/best/model.safetensors")
 """
@@ -232,7 +233,7 @@ def test_an_upload_killed_midway_leaves_the_previous_file_for_readers(tmp_path, 
 
 REWRITE_STAGES_FOREVER = """
 import itertools, sys
-from cluster.pipeline import Pipeline, PipelineConfig, StageResult
+from workflow.pipeline import Pipeline, PipelineConfig, StageResult
 p = Pipeline(PipelineConfig(root=sys.argv[1]))
 for i in itertools.count():
     p._save_record("pretrain", StageResult(key=str(i), outputs={"padding": "x" * (i % 7 * 10000)}, seconds=i))

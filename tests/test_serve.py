@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2 import GPT, GPTConfig, preset
-from serve.deploy import deploy
+from serving.deploy import deploy
 from tests.browser import chromium
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -39,7 +39,7 @@ def _early_exit_copy(checkpoint: str, directory) -> str:
 def server(tmp_path_factory):
     from ray import serve as ray_serve
 
-    from cluster.tracking import free_port
+    from cluster.runtime.local_services import free_port
 
     root = tmp_path_factory.mktemp("serve")
     tiny = preset("tiny")
@@ -61,6 +61,16 @@ def server(tmp_path_factory):
 
 def post(server, body, **kw) -> httpx.Response:
     return httpx.post(f"{server['base']}/v1/completions", json=body, timeout=120, **kw)
+
+
+def model_replicas(app: str) -> list:
+    """The live ModelServer replica actors of an application, from this session's Ray instance: without its address
+    the state API looks for an instance and refuses when it finds several (other test sessions on the machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+            if f"ServeReplica:{app}:ModelServer" in (a.class_name or "")]
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -419,12 +429,11 @@ def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_
     import sys
 
     import yaml
-
     from ray import serve as ray_serve
 
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
-        "name": "gpt2-job", "route_prefix": "/job", "import_path": "serve.app:build_app",
+        "name": "gpt2-job", "route_prefix": "/job", "import_path": "serving.app:build_app",
         "args": {"variants": {"mine": "pretrained"}, "torch_threads": 1, "model_replica_cpus": 0.5}}]}))
     try:
         done = subprocess.run(
@@ -444,10 +453,8 @@ def test_killed_model_replica_is_replaced_and_answers_are_always_well_formed(ser
     """Kill the model replica: Serve starts a new one, requests succeed again within a bounded time, and every
     answer meanwhile is either a valid completion or an OpenAI-style JSON error."""
     import ray
-    from ray.util.state import list_actors
 
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                if "ServeReplica:gpt2-test:ModelServer" in (a.class_name or "")]
+    replicas = model_replicas("gpt2-test")
     assert replicas, "no model replica found"
     body = {"model": "pretrained", "prompt": "Hello", "max_tokens": 4}
     assert post(server, body).status_code == 200

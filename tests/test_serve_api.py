@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpt2 import GPT, preset
-from serve.deploy import deploy
+from serving.deploy import deploy
 from tests.browser import chromium
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -30,7 +30,7 @@ BODY_LIMIT = 20_000
 def server(tmp_path_factory):
     from ray import serve as ray_serve
 
-    from cluster.tracking import free_port
+    from cluster.runtime.local_services import free_port
 
     root = tmp_path_factory.mktemp("serve-api")
     torch.manual_seed(0)
@@ -80,8 +80,8 @@ def test_without_the_key_the_api_answers_401(server):
 
 
 def test_the_key_comes_from_the_environment_and_never_shows(monkeypatch):
-    from serve.app import ServerSettings
-    from serve.auth import API_KEY_ENV, api_key_from_env
+    from serving.app import ServerSettings
+    from serving.auth import API_KEY_ENV, api_key_from_env
 
     settings = ServerSettings(variants={"a": "somewhere"}, api_key=KEY)
     assert KEY not in repr(settings) and KEY not in str(settings.model_dump()) and KEY not in settings.model_dump_json()

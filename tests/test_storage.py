@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import storage
 from cluster.config import load
-from cluster.finetune_config import FinetuneConfig
-from cluster.pretrain_config import PretrainConfig
+from cluster.config.finetune import FinetuneConfig
+from cluster.config.pretrain import PretrainConfig
+from cluster.runtime import storage
 
 
 def test_a_remote_run_directory_is_mirrored_and_synced(tmp_path, monkeypatch):

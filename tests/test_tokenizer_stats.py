@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import gpt2.tokenizer_stats as stats_module
-from cluster.sources import iter_documents, resolve_source
+from cluster.data.sources import iter_documents, resolve_source
 from gpt2.tokenizer_stats import ENCODINGS, analyze, get_encoding, markdown_report
 from tests.job_loader import load_job
 from tests.test_prepare_data import EXPECTED_PROBLEMS, GOOD_DOCS, corpus_dir, files_spec  # noqa: F401 (a fixture)

@@ -8,8 +8,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster import tracking
-from cluster.tracking import RunLogger, free_port, read_metrics, start_local_server, stop_server
+from cluster.runtime import tracking
+from cluster.runtime.local_services import free_port, start_local_server, stop_server
+from cluster.runtime.tracking import RunLogger, read_metrics
 
 
 def stop(proc) -> None:

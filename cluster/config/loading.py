@@ -1,0 +1,189 @@
+"""Run configs: YAML files resolved onto nested dataclasses, with `section.key=value` overrides.
+
+Resolution order: the dataclass defaults, then the YAML file, then the command-line overrides. Every key is checked:
+an unknown key or a value of the wrong type is an error that names it, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        # YAML reads 6e-4 (no dot) as a string, so numeric strings are accepted; bools are not numbers here.
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = tp(value) if not isinstance(value, str) else tp(float(value) if tp is float else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def build(cls: type[T], data: dict | None, prefix: str = "", base: T | None = None) -> T:
+    """An instance of dataclass `cls` from a (nested) dict; unknown keys and wrong types raise ConfigError.
+
+    Keys the dict leaves out keep their defaults: those of `base` when given, else the class's. A section whose
+    field has a default_factory starts from that default, so a job that gives a shared section its own defaults
+    (`run: Run = field(default_factory=lambda: Run(experiment="finetune"))`) keeps them under a partial YAML section.
+    """
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; known: {sorted(fields)}")
+    kwargs = {name: _field_value(fields[name], hints[name], value, f"{prefix}.{name}" if prefix else name)
+              for name, value in data.items()}
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _field_value(field: dataclasses.Field, tp: Any, value: Any, key: str) -> Any:
+    """A field's value from the config: a section is built on top of the field's own default, a leaf coerced."""
+    if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+        if dataclasses.is_dataclass(default):
+            return build(type(default), value, key, base=default)
+    return _coerce(value, tp, key)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`, the value read as YAML (so 3, 3e-4, true, [a, b] and strings all work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"max_lr": 1}} -> {"train.max_lr": 1}, as MLflow params."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ config-driven jobs
+
+
+def job_parser(doc: str, config_help: str, overrides_example: str) -> argparse.ArgumentParser:
+    """The command line every config-driven job shares: --config, section.key=value overrides, --address and
+    --print-config. A job adds its own flags to the parser it gets back."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {overrides_example}")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def config_for_job(
+    cls: type[T], args: argparse.Namespace, prepare: Callable[[T], T] | None = None, validate: Callable[[T], None] | None = None
+) -> T:
+    """The job's config from --config and the overrides, adjusted by `prepare` and checked by `validate` (default:
+    the config's own validate()). A bad config ends the job with `error: ...` naming the field; --print-config
+    prints the resolved config and ends it."""
+    try:
+        cfg = load(cls, args.config, args.overrides)
+        if prepare is not None:
+            cfg = prepare(cfg)
+        (validate or (lambda c: c.validate()))(cfg)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        sys.exit(0)
+    return cfg

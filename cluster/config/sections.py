@@ -1,0 +1,128 @@
+"""The config sections that several jobs share, defined once: a job's config composes them with its own.
+
+A job gives a shared section its own defaults with `field(default_factory=lambda: Run(experiment=...))`; a YAML file
+or an override then changes only the keys it names (cluster.config.loading.build starts from the field's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.runtime import storage
+from gpt2.config import GPTConfig, preset
+from gpt2.lora import TARGETS, LoRAConfig
+from gpt2.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str = "run"
+    name: str = "local"  # the same name again resumes the run (a job that keeps checkpoints) or replaces its outputs
+    root: str = "runs"  # outputs in <root>/<experiment>/<name>/; on a multi-node cluster shared storage or a URI
+    max_failures: int = 0  # worker-group restarts from the newest checkpoint before giving up
+    tracking_uri: str | None = None  # MLflow; default: $MLFLOW_TRACKING_URI, else the local server
+    registered_model: str | None = None  # MLflow registered model name; None: gpt2-<name>-<kind> (cluster/runtime/registry.py)
+
+    def directory(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.experiment}/{self.name}"
+
+
+class JobConfig:
+    """What every job's config offers beside its sections: the run directory, <root>/<experiment>/<name>."""
+
+    run: Run
+
+    def run_dir(self) -> str:
+        return self.run.directory()
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 0  # torch threads per worker; 0 = the worker's CPU count (Ray sets OMP from num_cpus)
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model trained from scratch: a preset, optionally reshaped."""
+
+    preset: str = "gpt2"
+    vocab_pad_multiple: int = 64  # 50257 -> 50304 rows: friendlier matmul shapes
+    dropout: float = 0.0
+    norm: str = "pre"
+    # Optional shape overrides of the preset (None keeps the preset's value).
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+
+    def build(self) -> GPTConfig:
+        shape = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
+        return preset(self.preset, vocab_pad_multiple=self.vocab_pad_multiple, dropout=self.dropout, norm=self.norm, **shape)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model that a job starts from."""
+
+    source: str = "runs/pretrain/local/final"  # checkpoint dir, Hugging Face GPT-2 dir or hub name, MLflow model URI
+
+
+@dataclass(frozen=True)
+class Shards:
+    shards: str = "data/fineweb-edu"  # a folder or s3:// / gs:// URI with manifest.json (from jobs/prepare_data.py)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    every: int = 5000  # steps between checkpoints (the last step is always checkpointed)
+    keep: int = 2  # newest checkpoints kept for resuming
+
+
+@dataclass(frozen=True)
+class LoRA:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("attn.c_attn",)  # ~0.24% of GPT-2 124M's parameters at rank 8
+    layers: tuple[int, ...] | None = None  # None: every block
+
+    def build(self) -> LoRAConfig:
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"lora.targets: unknown {sorted(unknown)}; choose from {list(TARGETS)}")
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, layers=self.layers)
+
+
+def check_step_recipe(train: TrainConfig, scaling: Scaling, block_size: int, model: str = "model") -> None:
+    """A step-based training recipe (gpt2.train.TrainConfig) against the workers and the model it trains: positive
+    sizes, a batch that splits evenly into micro-batches over the workers, rows that fit the model's context."""
+    if train.seq_len > block_size:
+        raise ValueError(f"train.seq_len={train.seq_len} exceeds the {model}'s block_size={block_size}")
+    for name in ("max_steps", "micro_batch", "seq_len"):
+        if getattr(train, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1")
+    scaling.validate()
+    train.grad_accum_steps(scaling.num_workers)  # after the checks above: it divides by their product
+
+
+def check_shards(location: str, field: str = "data.shards") -> None:
+    """A shard folder (local or a URI) must hold the manifest that jobs/prepare_data.py writes."""
+    if not storage.exists(f"{location.rstrip('/')}/manifest.json"):
+        raise ValueError(f"{field}={location}: no manifest.json there; prepare the data first (python jobs/prepare_data.py ...)")
+
+
+def check_model_source(source: str, field: str = "model.source") -> None:
+    """A model source names a directory, an MLflow model URI, or a hub name such as "gpt2"; a path that does not
+    exist is an error here rather than a failed download later."""
+    from cluster.runtime.models import is_mlflow_uri
+
+    if not is_mlflow_uri(source) and ("/" in source or source.startswith(".")) and not Path(source).exists():
+        raise ValueError(f"{field}: {source} does not exist (a checkpoint dir, HF dir or MLflow model URI)")

@@ -1,1 +1,0 @@
-"""The Ray Serve application for the GPT-2 variants (see serve/app.py)."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application for the GPT-2 variants (see serving/app.py)."""

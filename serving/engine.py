@@ -1,0 +1,482 @@
+"""Continuous batching: concurrent requests to one model decoded together over one KV cache.
+
+Decoding a 124M model at batch 1 is bound by memory bandwidth (every token reads all the weights), so one forward
+pass over 16 rows costs little more than over 1. The engine keeps a fixed set of cache rows; each step it
+1. admits waiting requests into free rows,
+2. prefills prompts: every prompt that is waiting goes into one left-padded pass (gpt2.kv_cache's ragged passes), and
+   a long prompt is cut into chunks so that no pass holds more than `prefill_tokens` token slots: decoding rows wait
+   for one chunk, never for a whole long prompt,
+3. decodes one token for every row whose prompt is in, in one pass, including the rows whose prompt just finished.
+Rows are kept packed: decoding rows first, then the rows being prefilled, so each pass runs on a contiguous block of
+cache rows with no idle rows in it; a finishing row's place is taken by the last row of its block (its cache row is
+copied, a few hundred kB).
+
+Sampling is batched (gpt2.sampling): each request has its own seeded generator, so a seeded request produces the
+same tokens whether it runs alone or shares its steps with others. A request may ask for log-probabilities of its
+tokens and of its prompt's tokens (the prompt's come from the same prefill pass, in the model's dtype's logits).
+
+The engine runs in one background thread; callers submit from any thread and receive events through a callback
+that is invoked on the engine thread (keep it cheap: hand the event to a queue).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gpt2.config import EOT_TOKEN
+from gpt2.generate import check_prompt
+from gpt2.protocols import ExitingModel, LanguageModel
+from gpt2.sampling import MAX_TOP_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    exited: bool | None = None  # early-exit models: whether this token left the model at the exit block
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    stop: bool = False  # a stop token that ends the request: counted and scored, but not part of the text
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens, each given the tokens before it (None for the first token)."""
+
+    logprobs: list[float | None]
+    top: list[tuple[tuple[int, float], ...] | None]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled", or "error"
+    error: str | None = None
+    stop_token: int | None = None  # the stop_token_ids entry that ended it (None for end-of-text)
+    unavailable: bool = False  # an error of the engine, not of the request (its thread died): a retry may succeed
+
+
+Event = Token | PromptLogprobs | Finished
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed: int) -> None:
+    """A seed torch can take; others would fail the request only once it reaches the decoding thread."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
+
+
+class EngineOverloaded(RuntimeError):
+    """More requests are waiting for a row than the engine accepts; the caller should answer 503."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine takes no more requests: it was closed (its variant unloaded) or its decoding thread died. The
+    caller should answer 503: a retry reaches a reloaded variant or a replacement replica."""
+
+
+class FaultDrill(BaseException):
+    """Raised in the decoding thread by `DecodeEngine.crash_for_drill` (fault drills only). A BaseException, so that
+    the per-step error handling does not catch it and the thread dies as it would of an unexpected fatal error."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    seed: int | None = None
+    exit_threshold: float | None = None
+    logprobs: int | None = None  # per generated token: the chosen token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
+    id: int = 0
+    exited: int = 0
+    prefilled: int = 0  # prompt tokens already in the cache
+    row: int = -1
+    next_token: int | None = None
+    cancelled: bool = False
+    sampling: SequenceSampling | None = field(default=None, repr=False)
+    _prompt_lp: list = field(default_factory=list, repr=False)
+    _prompt_top: list = field(default_factory=list, repr=False)
+
+    @property
+    def generated(self) -> int:
+        return self.sampling.generated if self.sampling else 0
+
+
+class DecodeEngine:
+    """Continuous-batching decoder for a language model (gpt2.protocols.LanguageModel: a GPT, its quantized or packed
+    copies, an EarlyExitGPT); an early-exit one (ExitingModel) decodes with each request's exit threshold.
+
+    max_batch: cache rows, i.e. requests decoded together; more requests wait (up to max_pending) for a free row.
+    prefill_tokens: the most token slots (rows × padded width) one prefill pass takes.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        *,
+        max_batch: int = 16,
+        max_pending: int = 64,
+        prefill_tokens: int = 512,
+        name: str = "model",
+    ) -> None:
+        if max_batch < 1 or max_pending < 0 or prefill_tokens < 1:
+            raise ValueError(
+                f"max_batch and prefill_tokens must be >= 1 and max_pending >= 0, got {max_batch}, {prefill_tokens}"
+                f" and {max_pending}"
+            )
+        self.model: LanguageModel = model.eval()
+        self.config = model.config
+        self.name = name
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.prefill_tokens = prefill_tokens
+        self._device = next(model.parameters()).device
+        # The same model seen as an early-exit one, or None. isinstance only sees that it has forward_with_exits,
+        # exit_layer and threshold (a runtime_checkable protocol), which is all the engine uses.
+        self._exiting: ExitingModel | None = model if isinstance(model, ExitingModel) else None
+        self._cache = model.new_kv_cache(max_batch)
+        self._decoding: list[Request] = []  # rows [0, len)
+        self._prefilling: list[Request] = []  # the rows after them
+        self._pending: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._died: str | None = None  # why the decoding thread died, once it has
+        self._drill: str | None = None  # a fault drill's message: the thread dies at its next turn
+        self._counters = collections.Counter()
+        self._started = time.monotonic()
+        # OpenMP thread counts are per thread: a new thread starts from OMP_NUM_THREADS (which Ray sets to the
+        # replica's CPU count, often 1), not from the torch.set_num_threads of the thread that created it.
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) ----
+
+    def submit(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        on_event: Callable[[Event], None],
+        *,
+        seed: int | None = None,
+        exit_threshold: float | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> Request:
+        """Queue a request; raises ValueError for a bad prompt or seed, EngineOverloaded when the queue is full, and
+        EngineUnavailable when the engine was closed or its thread died.
+
+        max_tokens 0 scores the prompt without generating (it needs prompt_logprobs).
+        """
+        if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {max_tokens}")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
+        prompt = check_prompt(prompt, self.config, max_tokens)
+        if seed is not None:
+            check_seed(seed)
+        request = Request(
+            prompt, max_tokens, params, on_event, seed, exit_threshold, logprobs, prompt_logprobs, id=next(self._ids)
+        )
+        with self._wake:
+            if self._closed:
+                raise EngineUnavailable(f"model {self.name!r} was unloaded; try again")
+            if self._died is not None:
+                raise EngineUnavailable(f"the decoding thread of model {self.name!r} died ({self._died}); the replica"
+                                        " is being replaced, try again shortly")
+            active = len(self._decoding) + len(self._prefilling)
+            if active + len(self._pending) >= self.max_batch + self.max_pending:
+                raise EngineOverloaded(
+                    f"model {self.name!r} is busy: {active} requests decoding and {len(self._pending)} waiting"
+                    f" (limits {self.max_batch} and {self.max_pending}); try again later"
+                )
+            self._pending.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request at the next token boundary (its row is freed; it gets Finished('cancelled'))."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def failed(self) -> bool:
+        """The decoding thread died without being closed (a replica health check reports this)."""
+        return not self._closed and (self._died is not None or not self._thread.is_alive())
+
+    def crash_for_drill(self, message: str = "fault drill") -> None:
+        """Fault drills only: make the decoding thread die at its next turn, as an unexpected fatal error would (a
+        BaseException outside the per-step error handling). Its requests end with an error; the engine is `failed`.
+        The server reaches this only with `fault_drills` on (serving/app.py, off by default)."""
+        with self._wake:
+            self._drill = message
+            self._wake.notify()
+
+    def stats(self) -> dict:
+        with self._wake:
+            active = len(self._decoding) + len(self._prefilling)
+            pending = len(self._pending)
+        c = self._counters
+        return {
+            "active": active,
+            "pending": pending,
+            "max_batch": self.max_batch,
+            "requests_finished": c["finished"],
+            "finished_by_reason": {r: c[f"finished_{r}"] for r in ("stop", "length", "cancelled", "error")},
+            "tokens_generated": c["tokens"],
+            "decode_steps": c["steps"],
+            "mean_batch": c["step_rows"] / c["steps"] if c["steps"] else 0.0,
+            "prefill_passes": c["prefill_passes"],
+            "prompt_tokens": c["prompt_tokens"],
+            "uptime_s": time.monotonic() - self._started,
+        }
+
+    def close(self) -> None:
+        """Stop the decoding thread; running and waiting requests finish as cancelled. Idempotent."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the thread dies; its callers must not wait for events that will never come
+            reason = f"{type(e).__name__}: {e}"
+            log.critical("the decoding thread of %s died (%s)", self.name, reason, exc_info=True)
+            with self._wake:  # from here on submit refuses: nothing can be queued after the queue is emptied below
+                self._died = reason
+                waiting = [*self._decoding, *self._prefilling, *self._pending]
+                self._decoding, self._prefilling = [], []
+                self._pending.clear()
+            # The cache's state is unknown after a fatal error: the requests are told, their rows are not released.
+            event = Finished("error", f"the decoding thread died ({reason})", unavailable=True)
+            for request in waiting:
+                self._count_finished(event)
+                self._emit(request, event)
+            # The thread ends here (the error is logged above): `failed` is now true, the replica's health check
+            # fails, and Serve replaces the replica.
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while (not self._closed and self._drill is None and not self._pending and not self._decoding
+                           and not self._prefilling):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    if self._drill is not None:
+                        raise FaultDrill(self._drill)
+                    free = self.max_batch - len(self._decoding) - len(self._prefilling)
+                    admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                for request in admitted:
+                    try:
+                        self._admit(request)
+                    except Exception as e:  # this request's own fault (e.g. its settings): only it fails
+                        log.exception("admitting request %d to %s failed", request.id, self.name)
+                        if request in self._prefilling:
+                            self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
+                        else:
+                            self._count_finished(Finished("error"))
+                            self._emit(request, Finished("error", f"{type(e).__name__}: {e}"))
+                try:
+                    self._drop_cancelled()
+                    if self._prefilling:
+                        self._prefill_step()
+                    if self._decoding:
+                        self._decode_step()
+                except Exception as e:  # a failed pass must not leave callers waiting forever
+                    log.exception("decoding step of %s failed", self.name)
+                    for request in [*self._decoding, *self._prefilling]:
+                        self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
+        for request in [*self._decoding, *self._prefilling]:
+            self._finish(request, Finished("cancelled", "the engine was closed"))
+        for request in self._pending:
+            self._emit(request, Finished("cancelled", "the engine was closed"))
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled:
+            self._count_finished(Finished("cancelled"))
+            self._emit(request, Finished("cancelled"))
+            return
+        request.sampling = SequenceSampling(request.params, request.prompt, request.seed, request.logprobs)
+        request.row = len(self._decoding) + len(self._prefilling)
+        self._cache.reset_rows(request.row)
+        self._prefilling.append(request)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in (*self._decoding, *self._prefilling) if r.cancelled]:
+            self._finish(request, Finished("cancelled"))
+
+    def _prefill_step(self) -> None:
+        """One left-padded pass over the next chunk of the first prefilling rows (at most prefill_tokens slots)."""
+        # The pass is rows × width slots: the width is the longest remaining prompt (capped), and as many of the
+        # first rows as fit take a chunk of up to that width. Rows must be the first ones: passes run on a
+        # contiguous block of cache rows.
+        remaining = [len(r.prompt) - r.prefilled for r in self._prefilling]
+        cap = min(max(remaining), self.prefill_tokens)
+        count = max(1, self.prefill_tokens // cap)
+        batch = [(r, min(n, cap)) for r, n in zip(self._prefilling[:count], remaining)]
+        width = max(n for _, n in batch)
+        first = self._prefilling[0].row
+        idx = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)  # (R, W) left-padded
+        for r, (request, n) in enumerate(batch):
+            idx[r, width - n :] = torch.tensor(request.prompt[request.prefilled : request.prefilled + n])
+        new = torch.tensor([n for _, n in batch], device=self._device)
+        rows = [request for request, _ in batch]
+        scoring = any(r.prompt_logprobs is not None for r in rows)
+        cache = self._cache.rows(first, first + len(batch), new_tokens=new)
+        logits, exited = self._forward(idx.to(self._device), cache, rows, last_only=not scoring)  # (R, W or 1, V)
+        self._counters["prefill_passes"] += 1
+        self._counters["prompt_tokens"] += int(new.sum())
+
+        done = []
+        for r, (request, n) in enumerate(batch):
+            if request.prompt_logprobs is not None:
+                self._score_prompt_chunk(request, logits[r, width - n :])
+            request.prefilled += n
+            if request.prefilled == len(request.prompt):
+                done.append(r)
+        if not done:
+            return
+        for r in done:
+            if rows[r].prompt_logprobs is not None:
+                request = rows[r]
+                self._emit(request, PromptLogprobs(request._prompt_lp, request._prompt_top))
+        starting = [r for r in done if rows[r].max_tokens > 0]
+        for r in done:
+            if rows[r].max_tokens == 0:  # scored, nothing to generate
+                self._finish(rows[r], Finished("length"))
+        if starting:
+            last = logits[starting, -1]  # (S, V) the prompt's last position predicts the first new token
+            flags = exited[starting, -1].tolist() if exited is not None else [None] * len(starting)
+            self._sample_and_accept([rows[r] for r in starting], last, flags)
+        for request in [rows[r] for r in starting]:
+            if request.row >= 0 and request in self._prefilling:
+                self._promote(request)
+
+    def _score_prompt_chunk(self, request: Request, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that this chunk's positions (n, V) predict."""
+        start = request.prefilled
+        if start == 0:
+            request._prompt_lp.append(None)  # nothing predicts the first token
+            request._prompt_top.append(None)
+        targets = request.prompt[start + 1 : start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (n', V)
+        target = torch.tensor(targets, device=lp.device)
+        request._prompt_lp.extend(lp.gather(1, target[:, None]).squeeze(1).tolist())
+        k = request.prompt_logprobs
+        if k:
+            values, ids = lp.topk(k, dim=-1)
+            request._prompt_top.extend(tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist()))
+        else:
+            request._prompt_top.extend(() for _ in targets)
+
+    def _decode_step(self) -> None:
+        rows = list(self._decoding)
+        feed = torch.tensor([[r.next_token] for r in rows], device=self._device)  # (B, 1)
+        logits, exited = self._forward(feed, self._cache.rows(0, len(rows)), rows, last_only=True)  # (B, 1, V)
+        self._counters["steps"] += 1
+        self._counters["step_rows"] += len(rows)
+        flags = exited[:, -1].tolist() if exited is not None else [None] * len(rows)
+        self._sample_and_accept(rows, logits[:, -1], flags)
+
+    def _forward(self, idx: torch.Tensor, cache, rows: list[Request], last_only: bool):
+        """Logits (B, T', V), and the per-position exit decisions (B, T) of early-exit models (else None)."""
+        if self._exiting is not None:
+            default = float(self._exiting.threshold)
+            thresholds = torch.tensor(
+                [default if r.exit_threshold is None else r.exit_threshold for r in rows], device=self._device
+            )
+            return self._exiting.forward_with_exits(idx, kv_cache=cache, last_only=last_only, threshold=thresholds)
+        logits, _ = self.model(idx, kv_cache=cache, last_only=last_only)
+        return logits, None
+
+    def _sample_and_accept(self, rows: list[Request], logits: torch.Tensor, exited: list) -> None:
+        tokens, logprobs = choose(logits, [r.sampling for r in rows])
+        for request, token, lp, flag in zip(rows, tokens, logprobs, exited):
+            if token in request.params.stop_tokens:
+                self._counters["tokens"] += 1
+                self._emit(request, Token(token, flag, lp, stop=True))
+                self._finish(request, Finished("stop", stop_token=None if token == EOT_TOKEN else token))
+                continue
+            request.sampling.record(token)
+            request.exited += bool(flag)
+            request.next_token = token
+            self._counters["tokens"] += 1
+            self._emit(request, Token(token, flag, lp))
+            if request.generated >= request.max_tokens:
+                self._finish(request, Finished("length"))
+
+    # ---- rows: decoding rows first, then prefilling rows, no gaps ----
+
+    def _promote(self, request: Request) -> None:
+        """A prefilling row whose prompt is in becomes the last decoding row."""
+        head = self._prefilling[0]
+        if head is not request:  # take the first prefilling row's place, which is right after the decoding rows
+            self._cache.swap_rows(head.row, request.row)
+            i = self._prefilling.index(request)
+            head.row, request.row = request.row, head.row
+            self._prefilling[0], self._prefilling[i] = request, head
+        self._prefilling.pop(0)
+        self._decoding.append(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a request's row, moving the last row of its block into it so the blocks stay packed."""
+        if request.row < 0:
+            return
+        block = self._decoding if request.row < len(self._decoding) else self._prefilling
+        last = block.pop()
+        if last is not request:
+            self._cache.move_row(last.row, request.row)
+            last.row = request.row
+            block[block.index(request)] = last
+        if block is self._decoding and self._prefilling:  # the prefilling block moves down by one row
+            tail = self._prefilling.pop()
+            if tail.row != len(self._decoding):
+                self._cache.move_row(tail.row, len(self._decoding))
+                tail.row = len(self._decoding)
+            self._prefilling.insert(0, tail)
+        request.row = -1
+
+    def _finish(self, request: Request, event: Finished) -> None:
+        self._release(request)
+        self._count_finished(event)
+        self._emit(request, event)
+
+    def _count_finished(self, event: Finished) -> None:
+        self._counters["finished"] += 1
+        self._counters[f"finished_{event.reason}"] += 1
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # a broken listener (e.g. its event loop closed) only loses its own request
+            log.exception("event listener of request %d failed", request.id)
+            request.cancelled = True

@@ -1,0 +1,311 @@
+"""The whole mission as one job: prepare data → pretrain → evaluate → LR search + fine-tune → early exit → serve.
+
+Each stage runs the same code as its own job (cluster/*), in this Ray job's driver. Stages are cached by content:
+a stage's key is a hash of its resolved inputs (its config, its data, the keys of the stages it reads from), kept
+in runs/pipeline/<name>/stages.json; a stage whose key and outputs are unchanged is skipped on rerun, and `--from
+STAGE` runs that stage and everything after it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cluster.config import load, to_dict
+from cluster.runtime.ray_env import PROJECT_ROOT
+from cluster.runtime.storage import local_run_root
+from gpt2.durable import write_file_atomically
+
+STAGES = ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "demo"
+    root: str = "runs"  # every stage's run directory lives under it
+    data_dir: str = "data/pydocs"  # pretraining shards of the built-in python-docs corpus
+    domain_dir: str = "data/domain"  # the fine-tuning corpus: the corpus' Python reference topics, <LOC>-delimited
+    pretrain_config: str = "configs/local.yaml"
+    pretrain_overrides: tuple[str, ...] = ()
+    finetune_config: str = "configs/finetune-local.yaml"
+    finetune_overrides: tuple[str, ...] = ()
+    search: bool = True  # the Ray Tune learning-rate search before fine-tuning
+    early_exit_config: str = "configs/early-exit-local.yaml"
+    early_exit_overrides: tuple[str, ...] = ()
+    hellaswag_path: str | None = None  # None: a HellaSwag-format cloze set made from the corpus (offline)
+    cloze_examples: int = 200
+    eval_actors: int = 2
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    # CPUs the model replica reserves in Ray's accounting (it decodes with torch_threads threads regardless). An idle
+    # server holding a whole CPU of a 2-core head would leave the jobs a user runs next on that head waiting forever.
+    serve_replica_cpus: float = 0.2
+    tracking_uri: str | None = None
+
+    def pipeline_dir(self) -> Path:
+        local_run_root(self.root, "the pipeline", field="root")  # its stages pass files to each other through this folder
+        return Path(self.root).resolve() / "pipeline" / self.name
+
+
+@dataclass
+class StageResult:
+    key: str
+    outputs: dict
+    seconds: float
+    cached: bool = False
+
+
+@dataclass
+class Pipeline:
+    cfg: PipelineConfig
+    tracking_uri: str | None = None
+    results: dict[str, StageResult] = field(default_factory=dict)
+
+    # ---- stage records ----------------------------------------------------------------------------------------
+
+    @property
+    def record_file(self) -> Path:
+        return self.cfg.pipeline_dir() / "stages.json"
+
+    def _records(self) -> dict:
+        return json.loads(self.record_file.read_text()) if self.record_file.is_file() else {}
+
+    def _save_record(self, stage: str, result: StageResult) -> None:
+        records = self._records()
+        records[stage] = {"key": result.key, "outputs": result.outputs, "seconds": result.seconds, "at": time.time()}
+        self.record_file.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(self.record_file, json.dumps(records, indent=2).encode())
+
+    def run_stage(self, stage: str, inputs: dict, fn: Callable[[], dict], force: bool) -> StageResult:
+        key = hashlib.sha256(json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()).hexdigest()
+        old = self._records().get(stage)
+        if not force and old and old["key"] == key and _outputs_exist(old["outputs"]):
+            print(f"[{stage}] unchanged since the last run: skipped", flush=True)
+            result = StageResult(key, old["outputs"], old["seconds"], cached=True)
+        else:
+            print(f"[{stage}] running", flush=True)
+            start = time.monotonic()
+            outputs = fn()
+            result = StageResult(key, outputs, time.monotonic() - start)
+            self._save_record(stage, result)
+            print(f"[{stage}] done in {result.seconds:.0f} s", flush=True)
+        self.results[stage] = result
+        return result
+
+    def key(self, stage: str) -> str:
+        return self.results[stage].key
+
+    # ---- stages -----------------------------------------------------------------------------------------------
+
+    def prepare(self, force: bool) -> StageResult:
+        from cluster.data.prepare import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, prepare_data
+        from cluster.data.sources import SourceSpec
+
+        cfg = self.cfg
+        data_dir, domain_dir = _abs(cfg.data_dir), _abs(cfg.domain_dir)
+        prepare_cfg = PrepareConfig(SourceSpec(), str(data_dir), "pydocs", val_tokens=PYTHON_DOCS_VAL_TOKENS)
+
+        def run() -> dict:
+            print(prepare_data(prepare_cfg).format())
+            return {"shards": str(data_dir), **write_builtin_eval_and_domain(domain_dir, cfg.cloze_examples)}
+
+        return self.run_stage("prepare", {"config": to_dict(prepare_cfg), "cloze": cfg.cloze_examples,
+                                          "domain": str(domain_dir)}, run, force)
+
+    def pretrain(self, force: bool) -> StageResult:
+        from cluster.config.pretrain import PretrainConfig
+        from cluster.train.pretrain import run_pretraining
+
+        shards = self.results["prepare"].outputs["shards"]
+        p = load(PretrainConfig, _abs(self.cfg.pretrain_config), [
+            *self.cfg.pretrain_overrides, f"data.shards={shards}", f"run.root={Path(self.cfg.root).resolve()}",
+            f"run.name={self.cfg.name}",
+        ])
+        p.validate()
+
+        def run() -> dict:
+            result = run_pretraining(p, self.tracking_uri)
+            if result.error:
+                raise RuntimeError(f"pretraining failed: {result.error}")
+            from cluster.runtime.tracking import read_metrics
+
+            val = [r["val_loss"] for r in read_metrics(p.run_dir()) if "val_loss" in r]
+            return {"final": str(Path(p.run_dir()) / "final"), "run_dir": p.run_dir(),
+                    "val_loss_first": val[0] if val else None, "val_loss_last": val[-1] if val else None}
+
+        return self.run_stage("pretrain", {"config": to_dict(p), "prepare": self.key("prepare")}, run, force)
+
+    def evaluate(self, force: bool) -> StageResult:
+        from cluster.eval.evaluation import ActorPool, EvalSettings, evaluate, log_evaluation
+        from cluster.runtime.models import load_model
+        from gpt2.hellaswag import load_hellaswag
+        from gpt2.shards import split_tokens
+
+        pre = self.results["pretrain"].outputs
+        hellaswag = self.cfg.hellaswag_path or self.results["prepare"].outputs["cloze"]
+
+        def run() -> dict:
+            model = load_model(pre["final"])
+            val_tokens = split_tokens(self.results["prepare"].outputs["shards"], "val").tolist()
+            settings = EvalSettings(pool=ActorPool(size=self.cfg.eval_actors), progress=False)
+            metrics = evaluate(model, settings, hellaswag=load_hellaswag(hellaswag), texts={"val": val_tokens}).metrics()
+            out = Path(pre["run_dir"]) / "eval" / "results.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            record = {"model": pre["final"], "hellaswag_file": hellaswag, "metrics": metrics}
+            write_file_atomically(out, json.dumps(record, indent=2).encode())
+            # Into the pretraining run's MLflow record (its run id is kept in the run directory).
+            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name, uri=self.tracking_uri)
+            return {"results": str(out), "metrics": metrics}
+
+        return self.run_stage("evaluate", {"pretrain": self.key("pretrain"), "hellaswag": hellaswag,
+                                           "actors": self.cfg.eval_actors}, run, force)
+
+    def finetune(self, force: bool) -> StageResult:
+        from cluster.config.finetune import FinetuneConfig
+        from cluster.train.finetune import run as run_finetune
+
+        f = load(FinetuneConfig, _abs(self.cfg.finetune_config), [
+            *self.cfg.finetune_overrides, f"model.source={self.results['pretrain'].outputs['final']}",
+            f"data.inputs=[{self.results['prepare'].outputs['domain']}]", f"run.root={Path(self.cfg.root).resolve()}",
+            f"run.name={self.cfg.name}",
+        ])
+
+        def run() -> dict:
+            summary = run_finetune(f, search=self.cfg.search, tracking_uri=self.tracking_uri)
+            search = summary["search"]
+            return {"best": summary["best_dir"], "lr": summary["lr"], "model_uri": summary["model_uri"],
+                    "best_val_loss": summary["metrics"].get("best_val_loss"),
+                    "search_csv": str(search.csv_path) if search else None}
+
+        return self.run_stage("finetune", {"config": to_dict(f), "search": self.cfg.search,
+                                           "pretrain": self.key("pretrain"), "prepare": self.key("prepare")}, run, force)
+
+    def early_exit(self, force: bool) -> StageResult:
+        from cluster.config.early_exit import EarlyExitConfig
+        from cluster.runtime.models import load_model
+        from cluster.train.early_exit import run as run_early_exit
+        from cluster.train.early_exit import time_decoding
+
+        pre = self.results["pretrain"].outputs
+        e = load(EarlyExitConfig, _abs(self.cfg.early_exit_config), [
+            *self.cfg.early_exit_overrides, f"model.source={pre['final']}",
+            f"data.shards={self.results['prepare'].outputs['shards']}", f"run.root={Path(self.cfg.root).resolve()}",
+            f"run.name={self.cfg.name}",
+        ])
+
+        def run() -> dict:
+            from gpt2.tokenizer import get_tokenizer
+
+            summary = run_early_exit(e)
+            enc = get_tokenizer()
+            prompts = [enc.encode(p) for p in ("The Python language", "A module is", "To open a file")]
+            early_exit = load_model(summary["model_dir"])
+            timing = time_decoding({"standard": load_model(pre["final"]), "early-exit": early_exit}, prompts, 32)
+            speedup = timing["early-exit"].tokens_per_s / timing["standard"].tokens_per_s
+            macs = early_exit.decode_macs()  # what bounds the speed-up on this model, printed next to it
+            return {
+                "model": summary["model_dir"], "speedup": speedup, "speedup_bound": macs.every_token_exits,
+                "head_share": macs.head_share,
+                "summary": f"{summary['tau']:.3g} / {100 * summary['exit_rate']:.0f}% / {100 * summary['agreement']:.1f}%"
+                           + ("" if summary["target_reached"] else " (target agreement not reached)"),
+            }
+
+        return self.run_stage("early_exit", {"config": to_dict(e), "pretrain": self.key("pretrain")}, run, force)
+
+    def serve(self, variants: dict[str, str]) -> StageResult:
+        """Always (re)deployed: a running application is state outside the stage cache."""
+
+        def run() -> dict:
+            from serving.deploy import deploy
+
+            settings = {"variants": variants, "max_batch": 8, "torch_threads": 2,
+                        "model_replica_cpus": self.cfg.serve_replica_cpus}
+            base = deploy(settings, host=self.cfg.serve_host, port=self.cfg.serve_port)
+            model = "finetuned" if "finetuned" in variants else next(iter(variants))
+            return {"url": base, "sample_model": model,
+                    "sample": completion_over_http(base, model, "The Python language reference")}
+
+        return self.run_stage("serve", {"variants": variants, "at": time.time()}, run, force=True)
+
+
+def _abs(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
+def _outputs_exist(outputs: dict) -> bool:
+    paths = [v for v in outputs.values() if isinstance(v, str) and v.startswith("/")]
+    return all(Path(p).exists() for p in paths)
+
+
+def write_builtin_eval_and_domain(domain_dir: Path, cloze_examples: int) -> dict:
+    """The offline stand-ins: a HellaSwag-format cloze set from the corpus, and a <LOC>-delimited domain corpus of
+    the Python reference topics for fine-tuning."""
+    from gpt2.cloze import write_cloze_file
+    from gpt2.corpus import python_docs_documents
+
+    docs = python_docs_documents()
+    cloze = write_cloze_file([d.text for d in docs], domain_dir / "cloze_hellaswag.jsonl", cloze_examples)
+    topics = [d.text for d in docs if d.source.startswith("pydoc_data")]
+    domain = domain_dir / "topics.txt"
+    write_file_atomically(domain, "".join(f"<LOC>{t}</LOC>\n" for t in topics).encode("utf-8"))
+    return {"cloze": str(cloze), "domain": str(domain)}
+
+
+def completion_over_http(base: str, model: str, prompt: str, max_tokens: int = 40) -> str:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1})
+    request = urllib.request.Request(f"{base}/v1/completions", body.encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return prompt + json.loads(r.read())["choices"][0]["text"]
+
+
+def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, tracking_uri: str | None = None) -> Pipeline:
+    """Every stage in order; stages before `from_stage` are reused when unchanged, it and later ones rerun."""
+    if from_stage is not None and from_stage not in STAGES:
+        raise ValueError(f"--from {from_stage!r}: choose one of {', '.join(STAGES)}")
+    first_forced = STAGES.index(from_stage) if from_stage else len(STAGES)
+    force = {stage: i >= first_forced for i, stage in enumerate(STAGES)}
+    p = Pipeline(cfg, tracking_uri)
+    p.prepare(force["prepare"])
+    p.pretrain(force["pretrain"])
+    p.evaluate(force["evaluate"])
+    p.finetune(force["finetune"])
+    p.early_exit(force["early_exit"])
+    variants = {"pretrained": p.results["pretrain"].outputs["final"], "finetuned": p.results["finetune"].outputs["best"],
+                "early-exit": p.results["early_exit"].outputs["model"]}
+    p.serve(variants)
+    return p
+
+
+def summary_table(p: Pipeline) -> str:
+    pre, ev = p.results["pretrain"].outputs, p.results["evaluate"].outputs["metrics"]
+    ft, ee = p.results["finetune"].outputs, p.results["early_exit"].outputs
+    rows = [
+        ("pretraining val loss (first → last)", f"{pre['val_loss_first']:.3f} → {pre['val_loss_last']:.3f}"),
+        ("val perplexity of the final model", f"{ev['text/val/perplexity']:.1f}"),
+        ("cloze/HellaSwag-format acc_norm (completion)", f"{100 * ev['hellaswag/completion/acc_norm']:.1f}%"
+                                                         f" of {int(ev['hellaswag/examples'])} (chance 25%)"),
+        ("fine-tune learning rate", f"{ft['lr']:g}" + (" (Ray Tune search)" if ft.get("search_csv") else "")),
+        ("fine-tune best val loss", f"{ft['best_val_loss']:.3f}"),
+        ("early exit: threshold / exit rate / agreement", ee["summary"]),
+        ("early exit: decode speedup", _early_exit_speedup(ee)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append("stages: " + ", ".join(f"{s} {'(cached)' if r.cached else f'{r.seconds:.0f}s'}"
+                                       for s, r in p.results.items()))
+    return "\n".join(lines)
+
+
+def _early_exit_speedup(ee: dict) -> str:
+    """The measured ratio and, next to it, the most any exit classifier could give on this model (a record written
+    before the bound was kept shows the ratio alone)."""
+    if "speedup_bound" not in ee:
+        return f"{ee['speedup']:.2f}x"
+    return (f"{ee['speedup']:.2f}x (at most {ee['speedup_bound']:.2f}x were every token to exit: the LM head is"
+            f" {ee['head_share']:.0%} of a token's work in this model; deeper models gain more, see README)")
