@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
     from gpt2.config import GPTConfig
+    from gpt2.early_exit.model import ExitStats
     from gpt2.kv_cache import KVCache
 
 
@@ -86,7 +87,7 @@ class ExitingModel(Protocol):
     """The early-exit extras of a LanguageModel (EarlyExitGPT): tokens may stop after block `exit_layer` when the
     exit classifier's score reaches a threshold, and a forward pass reports which positions did.
 
-    `isinstance(model, ExitingModel)` only checks that these three names exist on the model, not their signatures
+    `isinstance(model, ExitingModel)` only checks that these names exist on the model, not their signatures
     or types. The members are therefore plain attributes and methods of EarlyExitGPT, never submodules such as its
     classifier: on Python 3.12+ isinstance looks attributes up statically and would not find a submodule. Code that
     needs EarlyExitGPT's internals (gpt2.profile_layers hooks its classifier) checks for that class instead.
@@ -106,4 +107,8 @@ class ExitingModel(Protocol):
         """Logits as LanguageModel.forward, and `exited` (B, T) bool: which positions stopped after exit_layer.
 
         threshold: None uses self.threshold; a float applies to every row; one value per row gives each its own."""
+        ...
+
+    def reset_stats(self) -> ExitStats:
+        """How many positions exited since the last call (tokens, exit rate, mean blocks run), and a fresh count."""
         ...

@@ -12,8 +12,8 @@ import torch
 
 from gpt2.checkpoint import recover_directory
 from gpt2.data import ShardedTokenLoader
-from gpt2.model import GPT
 from gpt2.durable import naming_path
+from gpt2.model import GPT
 from gpt2.train import rng_state, set_rng_state
 
 TRAINER_STATE = "trainer_state.pt"

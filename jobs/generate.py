@@ -19,6 +19,7 @@ from cluster.runtime.models import load_model
 from gpt2 import GPT, get_tokenizer, preset
 from gpt2.device import choose, describe
 from gpt2.generate import SamplingParams, stream
+from gpt2.protocols import ExitingModel
 from gpt2.tokenizer import IncrementalDecoder
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {e}")
         elapsed = time.perf_counter() - start
         print(f"# {produced} tokens in {elapsed:.2f}s ({produced / elapsed:.1f} tokens/s)", file=sys.stderr)
-        if hasattr(model, "reset_stats"):  # an early-exit model: how often it stopped after its exit block
+        if isinstance(model, ExitingModel):  # how often it stopped after its exit block
             stats = model.reset_stats()
             print(f"# early exit after block {model.exit_layer} (threshold {model.threshold:g}): exit rate"
                   f" {100 * stats.exit_rate:.1f}% of {stats.tokens} positions, {stats.mean_blocks:.2f} blocks per"

@@ -4,7 +4,6 @@ user runs first run as written, as subprocesses, in a fresh directory with no Ra
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from functools import lru_cache
 import pytest
 
 from tests.doc_commands import ROOT, Command, documented_commands, script_help, script_invocation
+from tests.multinode import user_env
 
 COMMANDS = documented_commands()
 # Files of this repository that documented commands name (other paths are the user's: runs/..., data/..., DIR).
@@ -65,13 +65,6 @@ def test_documented_repository_files_and_make_targets_exist(command: Command):
             assert target in targets, f"{command.where}: the Makefile has no target {target!r}"
 
 
-def _user_env() -> dict[str, str]:
-    """The environment of a user's shell: no Ray address, no auth mode, no MLflow URI of the test session."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
 def test_readme_evaluation_command_runs_with_no_ray_head(tiny_model, tmp_path):
     """README's evaluation command, as written but without the hub model (no network here) and with a --limit, in
     a directory holding the files it names. No Ray head is running, so the job starts a local Ray instance for its
@@ -89,6 +82,6 @@ def test_readme_evaluation_command_runs_with_no_ray_head(tiny_model, tmp_path):
     write_jsonl(work / "hellaswag_val.jsonl", EXAMPLES)
     (work / "notes.txt").write_text("The lighthouse keeper wrote down the weather every evening.\n" * 20)
     argv = [sys.executable, str(ROOT / words[1]), *words[2:], "--limit", "4", "--no-progress"]
-    out = subprocess.run(argv, cwd=work, env=_user_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(argv, cwd=work, env=user_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "notes.txt" in out.stdout and "hellaswag" in out.stdout.lower()

@@ -1,10 +1,10 @@
 import math
 import sys
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import torch.nn as nn
-from pydoc_data.topics import topics
 
 from gpt2 import GPT, GPTConfig, preset
 from gpt2.quantize import model_size_bytes, quantize_int8, quantize_nf4, to_bf16

@@ -7,7 +7,13 @@ import torch
 from gpt2 import GPT, preset
 from gpt2.data import ShardedTokenLoader
 from gpt2.train import TrainConfig, make_optimizer, seed_everything, train_step
-from gpt2.train_checkpoint import TRAINER_STATE, is_due, load_training_checkpoint, save_training_checkpoint, worker_state_file
+from gpt2.train_checkpoint import (
+    TRAINER_STATE,
+    is_due,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    worker_state_file,
+)
 from tests.pretrain_fixtures import write_python_docs_shards
 
 CPU = torch.device("cpu")

@@ -14,6 +14,7 @@ from cluster.config.sections import (
     Run,
     Scaling,
     Shards,
+    Validation,
     check_model_source,
     check_shards,
     check_step_recipe,
@@ -31,9 +32,9 @@ class DistillSection:
 
 
 @dataclass(frozen=True)
-class DistillEval:
-    val_every: int = 50  # steps between student validation losses (0: only at the end)
-    val_batches: int = 8  # micro-batches per worker per validation
+class DistillEval(Validation):
+    val_every: int = 50
+    val_batches: int = 8
     report_tokens: int = 32_768  # validation tokens of the final student-vs-teacher perplexity
     decode_tokens: int = 64  # greedy tokens per decode-speed run in the final comparison
 
@@ -59,7 +60,8 @@ class DistillConfig(JobConfig):
         if not 0 <= self.distill.alpha <= 1:
             raise ValueError(f"distill.alpha must be in [0, 1], got {self.distill.alpha}")
         check_step_recipe(self.train, self.scaling, student.block_size, "student")
-        for name in ("report_tokens", "decode_tokens", "val_batches"):
+        self.eval.validate()
+        for name in ("report_tokens", "decode_tokens"):
             if getattr(self.eval, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1")
         check_shards(self.data.shards)

@@ -12,6 +12,7 @@ from cluster.config.sections import (
     Run,
     Scaling,
     Shards,
+    Validation,
     check_shards,
     check_step_recipe,
 )
@@ -19,9 +20,7 @@ from gpt2.train import TrainConfig
 
 
 @dataclass(frozen=True)
-class PretrainEval:
-    val_every: int = 250  # steps between validation-loss measurements (0: only at the end)
-    val_batches: int = 20  # micro-batches per worker per validation
+class PretrainEval(Validation):
     sample_every: int = 1000  # steps between logged sample generations (0: only at the end)
     sample_prompts: tuple[str, ...] = ("Hello, I'm a language model,", "The most important thing to learn is")
     sample_tokens: int = 48
@@ -44,6 +43,7 @@ class PretrainConfig(JobConfig):
     def validate(self) -> None:
         """Everything that can be checked before a worker starts; raises ValueError naming the field."""
         check_step_recipe(self.train, self.scaling, self.model.build().block_size)
+        self.eval.validate()
         if self.eval.hellaswag_path and not Path(self.eval.hellaswag_path).is_file():
             raise ValueError(f"eval.hellaswag_path={self.eval.hellaswag_path}: no such file")
         check_shards(self.data.shards)

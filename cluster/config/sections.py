@@ -87,6 +87,20 @@ class Checkpoints:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """Held-out loss during a step-based run; a job's eval section extends it with what else it measures."""
+
+    val_every: int = 250  # steps between validation-loss measurements (0: only at the end)
+    val_batches: int = 20  # micro-batches per worker per validation
+
+    def validate(self) -> None:
+        if self.val_every < 0:
+            raise ValueError(f"eval.val_every must be >= 0, got {self.val_every}")
+        if self.val_batches < 1:
+            raise ValueError(f"eval.val_batches must be >= 1, got {self.val_batches}")
+
+
+@dataclass(frozen=True)
 class LoRA:
     rank: int = 8
     alpha: float = 16.0

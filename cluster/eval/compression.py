@@ -25,6 +25,7 @@ from gpt2.checkpoint import resolve_hub_name
 from gpt2.generate import stream
 from gpt2.hellaswag import HellaSwagExample, evaluate_hellaswag
 from gpt2.perplexity import evaluate_perplexity
+from gpt2.protocols import ExitingModel, LanguageModel
 from gpt2.quantize import model_size_bytes
 from gpt2.shards import open_shard, resolve_shard_paths
 from gpt2.tokenizer import get_tokenizer
@@ -62,7 +63,7 @@ class DecodeSpeed:
     first_token_ms: float  # prefill of the prompt plus the first token: how long a user waits for any text
 
 
-def measure_decode(model: nn.Module, prompt: Sequence[int], new_tokens: int, repeats: int = 3) -> DecodeSpeed:
+def measure_decode(model: LanguageModel, prompt: Sequence[int], new_tokens: int, repeats: int = 3) -> DecodeSpeed:
     """Greedy decoding of `new_tokens` tokens (fewer if the context is shorter) after `prompt`, best of `repeats`
     runs after a warm-up; best rather than mean because slower runs measure other processes on the machine."""
     new_tokens = min(new_tokens, model.config.block_size - len(prompt))
@@ -126,7 +127,7 @@ class VariantRow:
 def measure_variant(
     variant: str,
     kind: str,
-    model: nn.Module,
+    model: LanguageModel,
     *,
     parameters: int,
     disk_bytes: int,
@@ -137,9 +138,9 @@ def measure_variant(
     """Perplexity on `tokens` (sliding window, the model's full context), HellaSwag acc_norm (completion scoring)
     when examples are given, and decode speed on a fixed prompt."""
     model.eval()
-    exits = getattr(model, "reset_stats", None)  # early-exit models count exits; plain ones have nothing to count
+    exits = isinstance(model, ExitingModel)  # early-exit models count exits; plain ones have nothing to count
     if exits:
-        exits()
+        model.reset_stats()
     perplexity = evaluate_perplexity(model, tokens).perplexity
     exit_rate = model.reset_stats().exit_rate if exits else None
     acc_norm = evaluate_hellaswag(model, hellaswag, methods=("completion",))["completion"].acc_norm if hellaswag else None

@@ -263,7 +263,10 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
                 scheduler=ASHAScheduler(max_t=s.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor),
                 max_concurrent_trials=s.max_concurrent,
             ),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=storage),
+            # A trial whose actor dies (its node lost, the process killed) starts again from its newest epoch
+            # checkpoint instead of leaving a hole in the search.
+            run_config=ray.tune.RunConfig(name="tune", storage_path=storage,
+                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     grid = tuner.fit()
     rows = []
