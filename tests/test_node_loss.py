@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cluster.config import load
@@ -25,7 +26,7 @@ from cluster.config.finetune import FinetuneConfig
 from cluster.config.pretrain import PretrainConfig
 from tests import golden_losses
 from tests.golden_losses import OFFLINE_TRACKING, read_golden
-from tests.multinode import ROOT, LocalCluster
+from tests.multinode import ROOT, LocalCluster, free_port
 from tests.test_golden_losses import assert_matches_golden
 
 
@@ -165,3 +166,130 @@ def test_a_search_trial_survives_losing_its_node(cluster, tmp_path):
     assert "The trial terminated successfully after retrying" in log.read_text(), "no trial was lost with the node"
     for result in (search_dir / "tune").glob("*/result.json"):  # resumed from its checkpoint: no epoch run twice
         assert [json.loads(line)["epoch"] for line in result.read_text().splitlines()] == [1, 2]
+
+
+def _stream(base: str, body: dict) -> tuple[int, str]:
+    """A streamed completion: (status, the whole body as received), whatever happens to the connection."""
+    import httpx
+
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            return r.status_code, "".join(r.iter_text())
+    except httpx.HTTPError as e:
+        return -1, f"{type(e).__name__}: {e}"
+
+
+def _streams_during(base: str, body: dict, event) -> list[tuple[int, str]]:
+    """Three streamed completions under way when `event()` runs; their (status, body) once they have ended."""
+    import threading
+
+    streams: list[tuple[int, str]] = []
+    threads = [threading.Thread(target=lambda: streams.append(_stream(base, body))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    event()
+    for t in threads:
+        t.join(timeout=180)
+    return streams
+
+
+def _serving_again(base: str, body: dict, since: float) -> list[int]:
+    """Requests until one succeeds; every answer meanwhile must be an OpenAI-style JSON error. The codes seen."""
+    import httpx
+
+    codes = []
+    while True:
+        r = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=120)
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["text"] is not None
+            return codes
+        assert "error" in r.json() and r.status_code in (500, 503), (r.status_code, r.text)
+        assert time.monotonic() - since < 180, f"no successful answer within 180 s of the loss: {codes}"
+        time.sleep(1)
+
+
+def test_serving_recovers_when_the_nodes_of_its_replicas_are_lost(cluster, tmp_path):
+    """The Serve application on two worker nodes (a model replica takes a whole CPU, so the gateway replica, which
+    streams the answers, lands on the other node; the head keeps the HTTP proxy). Streams are under way when the
+    model replica's node is lost: each ends with an error event and [DONE]. Then, with streams under way again, the
+    gateway's node is lost: the proxy cuts those connections (the client sees the chunked body end early, never a
+    complete-looking wrong answer). Each time, requests succeed again once Serve has started the replica on a
+    replacement node."""
+    import httpx
+    import torch
+
+    from gpt2 import GPT, preset
+
+    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    torch.manual_seed(0)
+    GPT(preset("tiny").replace(block_size=1024)).save_pretrained(str(tmp_path / "model"))
+    port = free_port()
+    deployed = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/serve.py"), "--address", cluster.address, "--variant",
+         f"tiny={tmp_path / 'model'}", "--only", "--port", str(port)],
+        cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-4000:]
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 600, "temperature": 0}
+    assert httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 4}, timeout=120).status_code == 200
+    [model_node] = [n for n in cluster.nodes if cluster.runs(n, "ModelServer")]
+    [gateway_node] = [n for n in cluster.nodes if cluster.runs(n, "Gateway")]
+    assert model_node is not gateway_node
+
+    def lose(node):
+        cluster.lose(node)
+        cluster.add_node(num_cpus=1)
+
+    streams = _streams_during(base, body, lambda: lose(model_node))
+    lost_at = time.monotonic()
+    for status, text in streams:
+        events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]", (status, text[-500:])
+        assert all(e == "[DONE]" or json.loads(e) for e in events)  # every event is whole JSON
+        assert "error" in json.loads(events[-2]), text[-500:]
+    codes = _serving_again(base, body, lost_at)
+    print(f"model replica's node lost: serving again after {time.monotonic() - lost_at:.1f}s; answers: {codes}")
+
+    streams = _streams_during(base, body, lambda: lose(gateway_node))
+    lost_at = time.monotonic()
+    for status, text in streams:
+        assert status == -1 and "incomplete chunked read" in text, (status, text[-500:])
+    codes = _serving_again(base, body, lost_at)
+    print(f"gateway's node lost: serving again after {time.monotonic() - lost_at:.1f}s; answers: {codes}")
+
+
+def test_tokenization_survives_losing_the_node_of_its_tokenizers(cluster, tmp_path):
+    """jobs/prepare_data.py with its readers and tokenizer actor on one worker node, lost once the tokenizer runs:
+    Ray Data starts the actor again on the replacement node, recomputes the lost blocks, and the shards hold exactly
+    the documents' tokens in order (what a run without the loss writes)."""
+    from gpt2.shards import open_shard
+    from gpt2.tokenizer import EOT_TOKEN, get_tokenizer
+
+    words = "river stone cloud lantern orbit meadow copper signal harbor violet".split()
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 50)) for i in range(6_000)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "shards"
+    node = cluster.add_node(num_cpus=1)
+    log = tmp_path / "driver.log"
+    driver = _driver(cluster, "prepare_data.py", [
+        "--source", "files", "--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--name", "words",
+        "--shard-tokens", "50000", "--val-tokens", "20000", "--tokenizers", "1", "--batch-size", "16"], log)
+    deadline = time.monotonic() + 300
+    while not cluster.runs(node, "TokenizeDocuments"):
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    cluster.lose(node)
+    assert not (out / "manifest.json").exists(), "the job finished before its node was lost"
+    cluster.add_node(num_cpus=1)
+    try:
+        assert driver.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    manifest = json.loads((out / "manifest.json").read_text())
+    written = np.concatenate([open_shard(out / s["file"]) for s in manifest["shards"]]).tolist()
+    encoding = get_tokenizer()
+    assert written == [t for d in docs for t in [EOT_TOKEN, *encoding.encode_ordinary(d)]]
