@@ -22,7 +22,10 @@ PROJECT_PACKAGES = {"benchmarks", "cluster", "gpt2", "jobs", "serving", "tests",
 class Command:
     document: str
     line: int  # where the command starts in the document
-    text: str  # as written, continuation lines joined, the trailing comment dropped
+    text: str  # as written, continuation lines joined
+    # Why the tests do not run it (it needs a cloud account, the network, a GPU, ...), from a marker above its block
+    # (NOT_RUN); None for a command that a test runs.
+    not_run: str | None = None
 
     @property
     def where(self) -> str:
@@ -32,20 +35,34 @@ class Command:
         return shlex.split(self.text, comments=True)
 
 
+# Above a ```bash block: `<!-- not run by the tests: REASON -->` for the whole block, or
+# `<!-- not run by the tests (TEXT): REASON -->` for its commands that contain TEXT; several such lines may stand there.
+NOT_RUN = re.compile(r"<!--\s*not run by the tests(?: \((.+?)\))?:\s*(.+?)\s*-->")
+
+
 def _bash_blocks(text: str):
-    """(first line number, lines) of each ```bash fenced block."""
+    """(first line number, lines, the not-run markers above it as (selector or None, reason)) of each ```bash
+    fenced block."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
         if lines[i].strip() == "```bash":
+            markers, j = [], i - 1
+            while j >= 0 and (m := NOT_RUN.fullmatch(lines[j].strip())):
+                markers.append((m[1], m[2]))
+                j -= 1
             start = i + 2  # 1-based number of the block's first line
             body = []
             i += 1
             while i < len(lines) and lines[i].strip() != "```":
                 body.append(lines[i])
                 i += 1
-            yield start, body
+            yield start, body, markers
         i += 1
+
+
+def _not_run(text: str, markers: list[tuple[str | None, str]]) -> str | None:
+    return next((reason for selector, reason in markers if selector is None or selector in text), None)
 
 
 def documented_commands(documents: list[str] = DOCUMENTS) -> list[Command]:
@@ -53,7 +70,7 @@ def documented_commands(documents: list[str] = DOCUMENTS) -> list[Command]:
     commands = []
     for document in documents:
         text = (ROOT / document).read_text()
-        for start, body in _bash_blocks(text):
+        for start, body, markers in _bash_blocks(text):
             i = 0
             while i < len(body):
                 line_no, line = start + i, body[i]
@@ -68,7 +85,7 @@ def documented_commands(documents: list[str] = DOCUMENTS) -> list[Command]:
                     while i < len(body) and body[i].strip() != heredoc.group(1):
                         i += 1
                     i += 1
-                commands.append(Command(document, line_no, line.strip()))
+                commands.append(Command(document, line_no, line.strip(), _not_run(line, markers)))
     return commands
 
 

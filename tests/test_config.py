@@ -48,3 +48,25 @@ def test_shipped_configs_resolve_and_124m_batch_arithmetic():
         assert t.micro_batch * t.seq_len * cfg.scaling.num_workers * t.grad_accum_steps(cfg.scaling.num_workers) == 524_288
     cfg = load(PretrainConfig, "configs/gpt2-124m-fineweb-edu.yaml")
     assert (cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.max_lr, cfg.train.min_lr) == (19073, 715, 6e-4, 6e-5)
+
+
+def test_print_config_shows_the_config_even_when_its_data_is_missing(tmp_path, capsys):
+    """--print-config prints the resolved config first; the checks of what lies outside it (here: shards not yet
+    prepared) then end the job with their error, and a config that passes them ends it with status 0."""
+    import json
+
+    from cluster.config.loading import config_for_job, job_parser
+    from tests.pretrain_fixtures import write_python_docs_shards
+
+    parser = job_parser("test", "--config YAML", "train.max_steps=10")
+    args = parser.parse_args(["--config", "configs/local.yaml", f"data.shards={tmp_path / 'missing'}", "--print-config"])
+    with pytest.raises(SystemExit, match="no manifest.json there") as stop:
+        config_for_job(PretrainConfig, args)
+    assert stop.value.code != 0
+    assert json.loads(capsys.readouterr().out)["data"]["shards"] == str(tmp_path / "missing")
+
+    shards = write_python_docs_shards(tmp_path / "shards", n_docs=10, val_tokens=500)
+    args = parser.parse_args(["--config", "configs/local.yaml", f"data.shards={shards}", "--print-config"])
+    with pytest.raises(SystemExit) as stop:
+        config_for_job(PretrainConfig, args)
+    assert stop.value.code == 0 and json.loads(capsys.readouterr().out)["data"]["shards"] == str(shards)

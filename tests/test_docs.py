@@ -4,6 +4,7 @@ user runs first run as written, as subprocesses, in a fresh directory with no Ra
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tests.multinode import user_env
 
 COMMANDS = documented_commands()
 # Files of this repository that documented commands name (other paths are the user's: runs/..., data/..., DIR).
-REPO_PATH = re.compile(r"^(?:configs|serve|cluster|benchmarks|jobs|docs|tests)/[\w./-]+\.(?:yaml|py|md|json)$")
+REPO_PATH = re.compile(r"^(?:configs|serving|workflow|cluster|benchmarks|jobs|docs|tests)/[\w./-]+\.(?:yaml|py|md|json)$")
 
 
 @lru_cache(maxsize=1)
@@ -85,3 +86,165 @@ def test_readme_evaluation_command_runs_with_no_ray_head(tiny_model, tmp_path):
     out = subprocess.run(argv, cwd=work, env=user_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "notes.txt" in out.stdout and "hellaswag" in out.stdout.lower()
+
+
+# --- every documented command: run by a test here, marked as not runnable offline in its document, or still owed ---
+
+# The test that runs each command (found by its document and the start of its text). A command is run as written,
+# in a user's directory holding the files it names (user_dir), with options appended where the documented run would
+# be long (a smaller --max-tokens, --limit, ...): options given later win.
+RUN_BY = {
+    ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --model gpt2"):
+        "test_readme_evaluation_command_runs_with_no_ray_head",
+    ("README.md", ".venv/bin/python jobs/generate.py --model runs/pretrain/local/final"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml --print-config"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/analyze_tokenizer.py --source files"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/prepare_data.py --source files"): "test_data_preparation_commands_run",
+    ("docs/data.md", ".venv/bin/python jobs/prepare_data.py --source files"): "test_data_preparation_commands_run",
+    ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --hellaswag"):
+        "test_commands_without_ray_run",
+    ("docs/gpu.md", ".venv/bin/python benchmarks/gpu_check.py --help"): "test_documented_script_and_its_flags_exist",
+    ("cluster/README.md", ".venv/bin/python -m tests.test_cluster_configs"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/analyze_heads.py"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/compare_norms.py"): "test_commands_without_ray_run",
+    ("README.md", "python jobs/export.py"): "test_commands_without_ray_run",
+}
+# Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
+NOT_YET_RUN = [
+    ("README.md", "python jobs/prepare_data.py   "),
+    ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --no-hellaswag"),
+    ("README.md", "python jobs/analyze_tokenizer.py   "),
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "),
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"),
+    ("README.md", "python jobs/finetune.py"),
+    ("README.md", "python jobs/serve.py"),
+    ("README.md", "serve run serving/config.yaml"),
+    ("README.md", "python jobs/pipeline.py"),
+    ("README.md", "export MLFLOW_TRACKING_URI"),
+    ("README.md", "python - <<'EOF'"),
+    ("README.md", "mlflow models serve"),
+    ("README.md", "curl -s 127.0.0.1:5001/invocations"),
+    ("README.md", "python jobs/generate.py --model models:/"),
+    ("README.md", "python jobs/train_early_exit.py"),
+    ("README.md", "python jobs/profile_early_exit.py"),
+    ("README.md", "python jobs/distill.py"),
+    ("README.md", "python jobs/compare.py"),
+    ("docs/data.md", ".venv/bin/python jobs/prepare_data.py"),
+    ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
+    ("docs/serving.md", ".venv/bin/python jobs/serve.py"),
+    ("docs/serving.md", ".venv/bin/serve run"),
+    ("docs/serving.md", "curl"),
+    ("docs/serving.md", "DIR="),
+    ("docs/serving.md", "DATA="),
+    ("docs/serving.md", "cp "),
+    ("docs/serving.md", "cat > "),
+    ("docs/serving.md", ".venv/bin/python -c"),
+]
+
+
+def _entry_for(command: Command) -> tuple[str, str] | None:
+    """The RUN_BY or NOT_YET_RUN entry for a command: the one with the longest matching start."""
+    matches = [(doc, start) for doc, start in [*RUN_BY, *NOT_YET_RUN]
+               if doc == command.document and (command.text + " ").startswith(start)]
+    return max(matches, key=lambda m: len(m[1]), default=None)
+
+
+def test_every_documented_command_is_run_or_marked_as_not_runnable_offline():
+    unaccounted = [c.where + ": " + c.text[:80] for c in COMMANDS if not c.not_run and _entry_for(c) is None]
+    assert not unaccounted, ("documented commands that no test runs and that are not marked `<!-- not run by the"
+                             " tests: REASON -->` in their document:\n" + "\n".join(unaccounted))
+    used = {_entry_for(c) for c in COMMANDS if not c.not_run}
+    stale = [e for e in [*RUN_BY, *NOT_YET_RUN] if e not in used]
+    assert not stale, f"entries that match no unmarked command (the document changed): {stale}"
+    missing = {name for name in RUN_BY.values() if name not in globals()}
+    assert not missing, f"RUN_BY names tests that do not exist: {missing}"
+    owed = sum(1 for c in COMMANDS if not c.not_run and _entry_for(c) in NOT_YET_RUN)
+    print(f"{len(COMMANDS)} documented commands: {sum(1 for c in COMMANDS if c.not_run)} not runnable offline,"
+          f" {sum(1 for c in COMMANDS if _entry_for(c) in RUN_BY)} run by tests, {owed} not run yet")
+
+
+def _commands_run_by(test_name: str) -> list[Command]:
+    return [c for c in COMMANDS if not c.not_run and RUN_BY.get(_entry_for(c) or ("", "")) == test_name]
+
+
+def _make_user_dir(work):
+    """A user's working directory with what the documented commands name: the checkout's scripts, configs and
+    virtualenv (links), a trained model at runs/pretrain/local/final and .../checkpoint, shards in data/pydocs, notes/
+    and manuals.jsonl, HellaSwag files. Commands run there with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
+    import torch
+
+    from gpt2 import GPT, preset
+    from tests.pretrain_fixtures import write_python_docs_shards
+    from tests.test_hellaswag import EXAMPLES, write_jsonl
+
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("jobs", "configs", "serving", "benchmarks", "cluster", "gpt2", "workflow", "tests", ".venv",
+                 "runtime_env.yaml"):
+        (work / name).symlink_to(ROOT / name)
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    for name in ("final", "checkpoint"):
+        model.save_pretrained(str(work / "runs/pretrain/local" / name))
+    (work / "notes").mkdir()
+    (work / "notes/harbor.txt").write_text("".join(
+        f"<LOC>The harbor master logged ship {i} arriving with {i * 3} crates of tea.</LOC>\n" for i in range(40)))
+    (work / "manuals.jsonl").write_text("".join(
+        json.dumps({"text": f"Step {i}: tighten bolt {i} a quarter turn."}) + "\n" for i in range(30)))
+    write_python_docs_shards(work / "data/pydocs", n_docs=40, val_tokens=2_000)  # as `jobs/prepare_data.py` leaves
+    for path in ("hellaswag_val.jsonl", "data/hellaswag_val.jsonl"):
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(work / path, EXAMPLES)
+    return work
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory):
+    return _make_user_dir(tmp_path_factory.mktemp("user"))
+
+
+def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600) -> str:
+    """The command through bash, as a user's shell runs it (comments dropped, `appended` options added); its output."""
+    import os
+    import shlex
+
+    text = shlex.join([*command.words(), *appended])
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{command.where}: {text}\n{out.stdout[-2000:]}{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+# Options appended to keep a documented command short (the text the command starts with → the options).
+SHORTER = {
+    ".venv/bin/python jobs/generate.py": ("--max-tokens", "8"),
+    ".venv/bin/python jobs/evaluate.py": ("--limit", "4", "--no-progress"),
+    "python jobs/analyze_heads.py": ("--analysis-batches", "2", "--eval-tokens", "500"),
+    "python jobs/compare_norms.py": ("train.max_steps=3", "train.total_batch_tokens=512", "train.micro_batch=2",
+                                     "eval.val_every=0"),
+}
+
+
+def test_commands_without_ray_run(user_dir):
+    """Generation, the resolved config, the tokenizer report, a quick evaluation in process, the cluster configs'
+    check, the head analysis, the Pre-LN/Post-LN comparison and the export for the Hub."""
+    commands = _commands_run_by("test_commands_without_ray_run")
+    assert len(commands) == 8
+    for command in commands:
+        cwd = ROOT if command.document == "cluster/README.md" else user_dir  # run from the repository root, it says
+        extra = next((v for k, v in SHORTER.items() if command.text.startswith(k)), ())
+        output = _run_as_written(command, cwd, *extra)
+        assert output.strip(), f"{command.where} printed nothing"
+
+
+def test_data_preparation_commands_run(tmp_path):
+    """Each in a user directory of its own: both write data/notes, from different inputs."""
+    from gpt2.shards import read_manifest
+
+    commands = _commands_run_by("test_data_preparation_commands_run")
+    assert len(commands) == 2
+    for i, command in enumerate(commands):
+        work = _make_user_dir(tmp_path / str(i))
+        _run_as_written(command, work, "--val-tokens", "200")
+        manifest = read_manifest(work / "data" / "notes" / "manifest.json")
+        expected = 40 + (30 if "manuals.jsonl" in command.text else 0)
+        assert manifest["documents"] == expected, (command.where, manifest["documents"])

@@ -175,15 +175,19 @@ def config_for_job(
 ) -> T:
     """The job's config from --config and the overrides, adjusted by `prepare` and checked by `validate` (default:
     the config's own validate()). A bad config ends the job with `error: ...` naming the field; --print-config
-    prints the resolved config and ends it."""
+    prints the resolved config, then ends the job: with status 0 when it passes the checks, else with the error."""
     try:
         cfg = load(cls, args.config, args.overrides)
         if prepare is not None:
             cfg = prepare(cfg)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.print_config:  # printed before the checks of what lies outside it (data, models), which may fail
+        print(json.dumps(to_dict(cfg), indent=2), flush=True)
+    try:
         (validate or (lambda c: c.validate()))(cfg)
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
         sys.exit(0)
     return cfg
