@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="add or replace a variant (checkpoint dir, HF dir or MLflow model URI); repeatable")
     p.add_argument("--only", action="store_true", help="serve only the --variant models, not the config's")
     p.add_argument("--root", type=Path, default=PROJECT_ROOT,
-                   help="what relative variant paths are relative to (default: the project; a job submitted with"
-                        " `ray job submit` runs in an uploaded copy, so pass the checkout's absolute path)")
+                   help="what the config's relative variant paths are relative to, and --variant paths that are not"
+                        " found from the current directory (default: the project; a job submitted with `ray job"
+                        " submit` runs in an uploaded copy, so pass the checkout's absolute path)")
     p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, else a new local instance)")
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
 
     app_entry, http = load_serve_config(args.config)
     settings = dict(app_entry["args"])
-    variants = {} if args.only else dict(settings.get("variants") or {})
-    variants.update(dict(args.variant))
-    settings["variants"] = {name: anchored(v, args.root) for name, v in variants.items()}
+    variants = {} if args.only else {name: anchored(v, args.root) for name, v in (settings.get("variants") or {}).items()}
+    # A path typed on the command line means what it means in the user's shell: relative to the current directory
+    # (the replicas run elsewhere), else to --root like the config's.
+    variants.update({name: anchored(anchored(v, Path.cwd()), args.root) for name, v in args.variant})
+    settings["variants"] = variants
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)

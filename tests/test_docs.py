@@ -108,6 +108,8 @@ RUN_BY = {
     ("README.md", "python jobs/analyze_heads.py"): "test_commands_without_ray_run",
     ("README.md", "python jobs/compare_norms.py"): "test_commands_without_ray_run",
     ("README.md", "python jobs/export.py"): "test_commands_without_ray_run",
+    ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
+    ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
@@ -133,7 +135,6 @@ NOT_YET_RUN = [
     ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
     ("docs/serving.md", ".venv/bin/python jobs/serve.py"),
     ("docs/serving.md", ".venv/bin/serve run"),
-    ("docs/serving.md", "curl"),
     ("docs/serving.md", "DIR="),
     ("docs/serving.md", "DATA="),
     ("docs/serving.md", "cp "),
@@ -248,3 +249,49 @@ def test_data_preparation_commands_run(tmp_path):
         manifest = read_manifest(work / "data" / "notes" / "manifest.json")
         expected = 40 + (30 if "manuals.jsonl" in command.text else 0)
         assert manifest["documents"] == expected, (command.where, manifest["documents"])
+
+
+def test_the_server_answers_the_documented_curls(user_dir):
+    """docs/serving.md's one-checkpoint server, with DIR filled in, on a free port and a Ray instance of its own
+    (`--address local`: in the test session other Ray instances run, which the job would otherwise join); then its two
+    curl checks, aimed at that port. The job stays in the foreground, as the document says, until Ctrl-C."""
+    import os
+    import shlex
+    import signal
+    import threading
+    import time
+
+    from tests.multinode import free_port, stop_group
+
+    [serve] = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if "serve.py" in c.text]
+    curls = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if c.text.startswith("curl")]
+    assert len(curls) == 2
+    port = free_port()
+    words = [w.replace("=DIR", "=runs/pretrain/local/final") for w in serve.words()]
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(["bash", "-c", shlex.join([*words, "--port", str(port), "--address", "local"])],
+                              cwd=user_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("web page:" in line for line in lines):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.5)
+        answers = []
+        for curl in curls:
+            text = shlex.join(curl.words()).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            out = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, f"{curl.where}: {out.stderr}"
+            answers.append(out.stdout)
+        plain, streamed = answers
+        assert "usage" in json.loads(plain), plain
+        events = [line[len("data: "):] for line in streamed.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 20, streamed[-500:]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the job removes the application and stops its Ray
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(server, timeout=5)
