@@ -119,3 +119,16 @@ def test_no_job_changes_sys_path():
         uses = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)
                 and n.attr == "path" and isinstance(n.value, ast.Name) and n.value.id == "sys"]
         assert not uses, f"{path}:{uses[0]} uses sys.path"
+
+
+def test_every_ray_connection_goes_through_init_ray():
+    """Jobs start the same way whatever Ray is running (no head, `make demo`'s head, a token head, RAY_ADDRESS):
+    that logic lives in cluster.runtime.ray_env.init_ray, which tests/test_job_startup.py runs in each situation,
+    so no other module calls ray.init."""
+    calls = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"):
+                calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert calls and all(c.startswith("cluster/runtime/ray_env.py:") for c in calls), calls
