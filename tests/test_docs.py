@@ -96,25 +96,26 @@ def test_readme_evaluation_command_runs_with_no_ray_head(tiny_model, tmp_path):
 RUN_BY = {
     ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --model gpt2"):
         "test_readme_evaluation_command_runs_with_no_ray_head",
-    ("README.md", ".venv/bin/python jobs/generate.py --model runs/pretrain/local/final"): "test_commands_without_ray_run",
-    ("README.md", "python jobs/pretrain.py --config configs/local.yaml --print-config"): "test_commands_without_ray_run",
-    ("README.md", "python jobs/analyze_tokenizer.py --source files"): "test_commands_without_ray_run",
+    ("README.md", ".venv/bin/python jobs/generate.py --model runs/pretrain/local/final"): "test_quick_commands_run",
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml --print-config"): "test_quick_commands_run",
+    ("README.md", "python jobs/analyze_tokenizer.py --source files"): "test_quick_commands_run",
     ("README.md", "python jobs/prepare_data.py --source files"): "test_data_preparation_commands_run",
     ("docs/data.md", ".venv/bin/python jobs/prepare_data.py --source files"): "test_data_preparation_commands_run",
     ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --hellaswag"):
-        "test_commands_without_ray_run",
+        "test_quick_commands_run",
     ("docs/gpu.md", ".venv/bin/python benchmarks/gpu_check.py --help"): "test_documented_script_and_its_flags_exist",
-    ("cluster/README.md", ".venv/bin/python -m tests.test_cluster_configs"): "test_commands_without_ray_run",
-    ("README.md", "python jobs/analyze_heads.py"): "test_commands_without_ray_run",
-    ("README.md", "python jobs/compare_norms.py"): "test_commands_without_ray_run",
-    ("README.md", "python jobs/export.py"): "test_commands_without_ray_run",
+    ("cluster/README.md", ".venv/bin/python -m tests.test_cluster_configs"): "test_quick_commands_run",
+    ("README.md", "python jobs/analyze_heads.py"): "test_quick_commands_run",
+    ("README.md", "python jobs/compare_norms.py"): "test_quick_commands_run",
+    ("README.md", "python jobs/export.py"): "test_quick_commands_run",
+    ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --no-hellaswag"):
+        "test_quick_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
     ("README.md", "python jobs/prepare_data.py   "),
-    ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --no-hellaswag"),
     ("README.md", "python jobs/analyze_tokenizer.py   "),
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "),
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"),
@@ -171,7 +172,7 @@ def _commands_run_by(test_name: str) -> list[Command]:
 def _make_user_dir(work):
     """A user's working directory with what the documented commands name: the checkout's scripts, configs and
     virtualenv (links), a trained model at runs/pretrain/local/final and .../checkpoint, shards in data/pydocs, notes/
-    and manuals.jsonl, HellaSwag files. Commands run there with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
+    and manuals.jsonl, HellaSwag and WikiText-2 files. Commands run there with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
     import torch
 
     from gpt2 import GPT, preset
@@ -192,6 +193,8 @@ def _make_user_dir(work):
     (work / "manuals.jsonl").write_text("".join(
         json.dumps({"text": f"Step {i}: tighten bolt {i} a quarter turn."}) + "\n" for i in range(30)))
     write_python_docs_shards(work / "data/pydocs", n_docs=40, val_tokens=2_000)  # as `jobs/prepare_data.py` leaves
+    (work / "data/wikitext-2-raw").mkdir(parents=True)  # the layout of the original wikitext-2-raw release
+    (work / "data/wikitext-2-raw/wiki.test.raw").write_text(" = Valkyria = \n\n The game began in 2010 . \n" * 30)
     for path in ("hellaswag_val.jsonl", "data/hellaswag_val.jsonl"):
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(work / path, EXAMPLES)
@@ -219,17 +222,19 @@ def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600) -
 SHORTER = {
     ".venv/bin/python jobs/generate.py": ("--max-tokens", "8"),
     ".venv/bin/python jobs/evaluate.py": ("--limit", "4", "--no-progress"),
+    "python jobs/evaluate.py": ("--no-progress",),
     "python jobs/analyze_heads.py": ("--analysis-batches", "2", "--eval-tokens", "500"),
     "python jobs/compare_norms.py": ("train.max_steps=3", "train.total_batch_tokens=512", "train.micro_batch=2",
                                      "eval.val_every=0"),
 }
 
 
-def test_commands_without_ray_run(user_dir):
+def test_quick_commands_run(user_dir):
     """Generation, the resolved config, the tokenizer report, a quick evaluation in process, the cluster configs'
-    check, the head analysis, the Pre-LN/Post-LN comparison and the export for the Hub."""
-    commands = _commands_run_by("test_commands_without_ray_run")
-    assert len(commands) == 8
+    check, the head analysis, the Pre-LN/Post-LN comparison, the export for the Hub; and the WikiText-2 perplexity
+    (its scoring starts a local Ray instance)."""
+    commands = _commands_run_by("test_quick_commands_run")
+    assert len(commands) == 9
     for command in commands:
         cwd = ROOT if command.document == "cluster/README.md" else user_dir  # run from the repository root, it says
         extra = next((v for k, v in SHORTER.items() if command.text.startswith(k)), ())

@@ -117,7 +117,7 @@ class RunLogger:
         if not self._warned:
             self._warned = True
             print(
-                f"WARNING: MLflow at {self.uri} is unreachable ({type(error).__name__}); training continues and metrics"
+                f"WARNING: MLflow at {self.uri} is unreachable ({type(error).__name__}); the job continues and metrics"
                 f" are kept in {self.jsonl} (uploaded when the server is back)",
                 file=sys.stderr,
             )
