@@ -110,6 +110,7 @@ RUN_BY = {
     ("README.md", "python jobs/export.py"): "test_quick_commands_run",
     ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --no-hellaswag"):
         "test_quick_commands_run",
+    ("README.md", "python jobs/finetune.py"): "test_finetune_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
 }
@@ -119,7 +120,6 @@ NOT_YET_RUN = [
     ("README.md", "python jobs/analyze_tokenizer.py   "),
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "),
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"),
-    ("README.md", "python jobs/finetune.py"),
     ("README.md", "python jobs/serve.py"),
     ("README.md", "serve run serving/config.yaml"),
     ("README.md", "python jobs/pipeline.py"),
@@ -172,7 +172,7 @@ def _commands_run_by(test_name: str) -> list[Command]:
 def _make_user_dir(work):
     """A user's working directory with what the documented commands name: the checkout's scripts, configs and
     virtualenv (links), a trained model at runs/pretrain/local/final and .../checkpoint, shards in data/pydocs, notes/
-    and manuals.jsonl, HellaSwag and WikiText-2 files. Commands run there with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
+    and manuals.jsonl, domain data in data/domain, HellaSwag and WikiText-2 files. Commands run there with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
     import torch
 
     from gpt2 import GPT, preset
@@ -193,6 +193,10 @@ def _make_user_dir(work):
     (work / "manuals.jsonl").write_text("".join(
         json.dumps({"text": f"Step {i}: tighten bolt {i} a quarter turn."}) + "\n" for i in range(30)))
     write_python_docs_shards(work / "data/pydocs", n_docs=40, val_tokens=2_000)  # as `jobs/prepare_data.py` leaves
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    (work / "data/domain").mkdir(parents=True)  # configs/finetune-local.yaml's domain data
+    (work / "data/domain/notes.txt").write_text("".join(
+        "<LOC>" + " ".join(words[(i + j) % len(words)] for j in range(30)) + "</LOC>\n" for i in range(24)))
     (work / "data/wikitext-2-raw").mkdir(parents=True)  # the layout of the original wikitext-2-raw release
     (work / "data/wikitext-2-raw/wiki.test.raw").write_text(" = Valkyria = \n\n The game began in 2010 . \n" * 30)
     for path in ("hellaswag_val.jsonl", "data/hellaswag_val.jsonl"):
@@ -240,6 +244,19 @@ def test_quick_commands_run(user_dir):
         extra = next((v for k, v in SHORTER.items() if command.text.startswith(k)), ())
         output = _run_as_written(command, cwd, *extra)
         assert output.strip(), f"{command.where} printed nothing"
+
+
+def test_finetune_commands_run(user_dir):
+    """The full fine-tune, the learning-rate search then fine-tune, and LoRA, on configs/finetune-local.yaml with the
+    tiny model, shorter sequences and one epoch; each under a run name of its own."""
+    commands = _commands_run_by("test_finetune_commands_run")
+    assert len(commands) == 3
+    for i, command in enumerate(commands):
+        output = _run_as_written(command, user_dir, "data.seq_len=32", "train.epochs=1", "train.micro_batch=4",
+                                 "search.lrs=[1e-3, 3e-3]", "search.epochs=1", "samples.max_tokens=4",
+                                 f"run.name=docs-{i}")
+        assert "--- prompt: 'The data pipeline'" in output, output[-2000:]
+        assert ("best learning rate" in output) == ("--search" in command.text)
 
 
 def test_data_preparation_commands_run(tmp_path):
