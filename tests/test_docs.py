@@ -111,15 +111,15 @@ RUN_BY = {
     ("README.md", "python jobs/evaluate.py --model runs/pretrain/local/final --no-hellaswag"):
         "test_quick_commands_run",
     ("README.md", "python jobs/finetune.py"): "test_finetune_commands_run",
+    ("README.md", "python jobs/analyze_tokenizer.py   "): "test_quick_commands_run",
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "): "test_pretrain_commands_run",
+    ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"): "test_pretrain_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
     ("README.md", "python jobs/prepare_data.py   "),
-    ("README.md", "python jobs/analyze_tokenizer.py   "),
-    ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "),
-    ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"),
     ("README.md", "python jobs/serve.py"),
     ("README.md", "serve run serving/config.yaml"),
     ("README.md", "python jobs/pipeline.py"),
@@ -238,12 +238,24 @@ def test_quick_commands_run(user_dir):
     check, the head analysis, the Pre-LN/Post-LN comparison, the export for the Hub; and the WikiText-2 perplexity
     (its scoring starts a local Ray instance)."""
     commands = _commands_run_by("test_quick_commands_run")
-    assert len(commands) == 9
+    assert len(commands) == 10
     for command in commands:
         cwd = ROOT if command.document == "cluster/README.md" else user_dir  # run from the repository root, it says
         extra = next((v for k, v in SHORTER.items() if command.text.startswith(k)), ())
         output = _run_as_written(command, cwd, *extra)
         assert output.strip(), f"{command.where} printed nothing"
+
+
+def test_pretrain_commands_run(user_dir):
+    """configs/local.yaml as the README runs it, twice (the second with its own train.max_steps), on the tiny model
+    for 2 steps, each under a run name of its own (runs/pretrain/local holds the model the other commands use)."""
+    commands = _commands_run_by("test_pretrain_commands_run")
+    assert len(commands) == 2
+    for i, command in enumerate(commands):
+        _run_as_written(command, user_dir, "model.preset=tiny", "train.max_steps=2", "train.seq_len=32",
+                        "train.micro_batch=2", "train.total_batch_tokens=128", "eval.val_every=0",
+                        "eval.sample_tokens=4", f"run.name=docs-{i}")
+        assert (user_dir / f"runs/pretrain/docs-{i}/final/model.safetensors").is_file()
 
 
 def test_finetune_commands_run(user_dir):
