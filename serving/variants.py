@@ -85,9 +85,10 @@ def load_variant(spec: VariantSpec, device: torch.device, *, max_batch: int):
             raise ValueError(f"variant {spec.name!r}: quantize nf4 applies to a plain checkpoint, not {spec.source}")
         model = quantize_nf4(model, device=device)
     if device.type == "cpu":
+        from gpt2.early_exit import EarlyExitGPT
         from gpt2.packed_linear import pack_linears
 
         # The backbone's float linears in oneDNN's layout: a batched decoding step is 2-4x faster in fp32 on CPU.
         # Not the early-exit classifier, whose dtype is read from its weight.
-        pack_linears(getattr(model, "base", model), batch_hint=max_batch)
+        pack_linears(model.base if isinstance(model, EarlyExitGPT) else model, batch_hint=max_batch)
     return model.eval()
