@@ -57,10 +57,11 @@ def _registered_checkpoints(run_dir: str) -> list[str]:
         return []
 
 
-def _lose_its_node_midway(cluster: LocalCluster, job: str, args: list[str], log: Path, when) -> None:
-    """Run `job` on a worker node of its own (1 CPU), lose that node once `when(node)` holds and let a replacement
-    node join at once; returns when the job's driver has exited successfully. The loss must have cost the job its
-    workers: Ray Train's failure policy reports a retry (a loss after the work was done would prove nothing)."""
+def _run_losing_its_node(cluster: LocalCluster, job: str, args: list[str], log: Path, when,
+                         finished=lambda: False) -> str:
+    """Run `job` on a worker node of its own (1 CPU), lose that node once `when(node)` holds (while `finished()` says
+    the job is not done) and let a replacement node join at once; the driver's output once it has exited
+    successfully."""
     node = cluster.add_node(num_cpus=1)
     driver = _driver(cluster, job, args, log)
     deadline = time.monotonic() + 300
@@ -69,6 +70,7 @@ def _lose_its_node_midway(cluster: LocalCluster, job: str, args: list[str], log:
         time.sleep(0.05)
     cluster.lose(node)
     lost_at = time.monotonic()
+    assert not finished(), "the job finished before its node was lost"
     cluster.add_node(num_cpus=1)
     try:
         assert driver.wait(timeout=600) == 0, log.read_text()[-4000:]
@@ -76,7 +78,14 @@ def _lose_its_node_midway(cluster: LocalCluster, job: str, args: list[str], log:
         if driver.poll() is None:
             driver.kill()
     print(f"{job}: the job finished {time.monotonic() - lost_at:.1f}s after its node was lost")
-    assert "[FailurePolicy] RETRY" in log.read_text(), "the node was lost after the job's workers had finished"
+    return log.read_text()
+
+
+def _lose_its_node_midway(cluster: LocalCluster, job: str, args: list[str], log: Path, when) -> None:
+    """A Ray Train job run by _run_losing_its_node; the loss must have cost it its workers: Ray Train's failure
+    policy reports a retry (a loss after the work was done would prove nothing)."""
+    output = _run_losing_its_node(cluster, job, args, log, when)
+    assert "[FailurePolicy] RETRY" in output, "the node was lost after the job's workers had finished"
 
 
 def _golden_job(tmp_path: Path, overrides: list[str]) -> list[str]:
@@ -146,24 +155,13 @@ def test_a_search_trial_survives_losing_its_node(cluster, tmp_path):
             "train.epochs=1", "run.max_failures=2", f"run.tracking_uri={OFFLINE_TRACKING}",
             f"run.root={tmp_path / 'runs'}"]
     search_dir = Path(load(FinetuneConfig, None, args).run_dir()) / "search"
-    node = cluster.add_node(num_cpus=1)
     log = tmp_path / "driver.log"
-    driver = _driver(cluster, "finetune.py", ["--search", *args], log)
-    deadline = time.monotonic() + 300
-    while not any((search_dir / "tune").glob("*/checkpoint_000000")):
-        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.05)
-    cluster.lose(node)
-    cluster.add_node(num_cpus=1)
-    try:
-        assert driver.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    output = _run_losing_its_node(cluster, "finetune.py", ["--search", *args], log,
+                                  lambda node: any((search_dir / "tune").glob("*/checkpoint_000000")))
     rows = list(csv.DictReader(open(search_dir / "results.csv")))
     assert sorted(float(r["lr"]) for r in rows) == [1e-3, 3e-3]
     assert all(r["status"] == "completed" and r["epochs_run"] == "2" for r in rows), rows
-    assert "The trial terminated successfully after retrying" in log.read_text(), "no trial was lost with the node"
+    assert "The trial terminated successfully after retrying" in output, "no trial was lost with the node"
     # The retried trial resumed from its epoch checkpoint ([1, 2]), or, when the node went before Tune had registered
     # that checkpoint, started again from the beginning ([1, 1, 2]); either way the epochs it reports are whole.
     histories = sorted([json.loads(line)["epoch"] for line in result.read_text().splitlines()]
@@ -295,24 +293,11 @@ def test_tokenization_survives_losing_the_node_of_its_tokenizers(cluster, tmp_pa
     docs = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 50)) for i in range(6_000)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "shards"
-    node = cluster.add_node(num_cpus=1)
-    log = tmp_path / "driver.log"
-    driver = _driver(cluster, "prepare_data.py", [
+    # Lost once the first shard is written: the tokenizer actor is at work, and most of the corpus is still to come.
+    _run_losing_its_node(cluster, "prepare_data.py", [
         "--source", "files", "--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--name", "words",
-        "--shard-tokens", "50000", "--val-tokens", "20000", "--tokenizers", "1", "--batch-size", "16"], log)
-    deadline = time.monotonic() + 300
-    # Once the first shard is written the tokenizer actor is at work, and most of the corpus is still to come.
-    while not any(out.glob("*.bin")):
-        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.05)
-    cluster.lose(node)
-    assert not (out / "manifest.json").exists(), "the job finished before its node was lost"
-    cluster.add_node(num_cpus=1)
-    try:
-        assert driver.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+        "--shard-tokens", "50000", "--val-tokens", "20000", "--tokenizers", "1", "--batch-size", "16"],
+        tmp_path / "driver.log", lambda node: any(out.glob("*.bin")), finished=(out / "manifest.json").exists)
     manifest = json.loads((out / "manifest.json").read_text())
     written = np.concatenate([open_shard(out / s["file"]) for s in manifest["shards"]]).tolist()
     encoding = get_tokenizer()
