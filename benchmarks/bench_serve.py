@@ -291,6 +291,8 @@ def main() -> None:
     p.add_argument("--requests-per-level", type=int, default=4, help="requests per level and server = this × level")
     p.add_argument("--max-batch", type=int, help="our engine's decoding rows (default: the highest level)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, in our replica and in-process alike")
+    p.add_argument("--stream-batch-ms", type=float, help="our server's stream_batch_ms: how long a streamed token may "
+                   "wait to share its message with the next ones (default: the server's, serving/app.py)")
     p.add_argument("--reference-repeats", type=int, default=3, help="in-process batch-1 generations to time")
     p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     args = p.parse_args()
@@ -340,8 +342,13 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         version = f", version {peer['version']}" if peer.get("version") else ""
         print(f"peer: {peer_url}, model id {peer_model!r}{version}")
     max_batch = args.max_batch or max(levels)
+    from serving.app import ServerSettings
+
+    stream_batch_ms = ServerSettings(variants={}).stream_batch_ms if args.stream_batch_ms is None \
+        else args.stream_batch_ms
     print(f"greedy streamed completions, at most {args.tokens} tokens; our server: {args.threads} torch threads, "
-          f"max_batch {max_batch}; figures depend on what else runs on the machine", flush=True)
+          f"max_batch {max_batch}, stream_batch_ms {stream_batch_ms:g}; figures depend on what else runs on the "
+          "machine", flush=True)
 
     repeats = args.reference_repeats
     reference = {ours_label: in_process(model_dir, args.dtype, "none", args.tokens, args.threads, repeats, max_batch)}
@@ -366,6 +373,8 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     try:
         settings = {"variants": variants, "max_batch": max_batch, "max_pending": 64,
                     "torch_threads": args.threads, "model_replica_cpus": 1}
+        if args.stream_batch_ms is not None:
+            settings["stream_batch_ms"] = args.stream_batch_ms
         ray_serve.run(build_app(settings), name="bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
         servers = [(label, url or base, model, headers) for label, url, model, headers in servers]
@@ -409,7 +418,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         "checkpoint": str(model_dir),
         "settings": {"dtype": args.dtype, "int8": args.int8, "tokens": args.tokens, "levels": levels,
                      "requests_per_level": args.requests_per_level, "max_batch": max_batch,
-                     "threads": args.threads, "temperature": 0, "stream": True},
+                     "threads": args.threads, "stream_batch_ms": stream_batch_ms, "temperature": 0, "stream": True},
         "peer": {"url": peer_url, "model": peer_model, **peer} if peer_url else None,
         "in_process_batch1_tokens_per_s": reference,
         "levels": [asdict(r) for r in results],

@@ -20,6 +20,7 @@ Start it with `serve run serving/config.yaml`, `python jobs/serve.py`, or the pi
 import asyncio
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,11 @@ class ServerSettings(BaseModel):
     max_batch: int = 16  # requests decoded together per variant (cache rows; one pass over the weights for all)
     prefill_tokens: int = 512  # token slots of one prefill pass: longer prompts go in by chunks between decode steps
     max_pending: int = 16  # requests waiting for a decoding row, per variant; beyond that: 503
+    # A streamed token may wait this long for the next ones, to cross from the model replica to the HTTP proxy
+    # together: each message between Serve's processes costs ~1 ms of CPU, more than a 16-row decoding step spends
+    # on a token on 2 cores. The first token is never held; clients still get one chunk per token. 0: each batch
+    # as soon as it is out. docs/serving.md has the figures (Ray Serve LLM batches its streams the same way).
+    stream_batch_ms: float = 100.0
     torch_threads: int = 2  # Ray sets OMP threads from num_cpus; decoding wants every core the replica owns
     device: str | None = None  # None: CUDA, then MPS, then CPU
     max_models_per_replica: int | None = None  # default: every variant fits
@@ -63,7 +69,7 @@ class ServerSettings(BaseModel):
     load_retry_s: float = 10.0  # a variant that failed to load answers 503 at once for this long, then is retried
     health_check_period_s: float = 10.0  # Serve replaces a model replica after 3 failed checks in a row
     # Fault drills only, never in production: lets whoever holds a Serve handle to ModelServer (not HTTP clients)
-    # kill a variant's decoding thread with ModelServer.drill_crash_decoding_thread (tests/test_serve_faults.py).
+    # make a variant's decoding die with ModelServer.drill_crash_decoding_thread (tests/test_serve_faults.py).
     fault_drills: bool = False
 
 
@@ -76,9 +82,13 @@ class ModelServer:
 
         self.settings = ServerSettings(**settings)
         self.variants = parse_variants(self.settings.variants)
+        from serving.engine import DecodingThread
+
         torch.set_num_threads(self.settings.torch_threads)
         self.device = pick_device(self.settings.device)
         self.engines: dict = {}  # name -> DecodeEngine, for statistics and health checks
+        # Every variant's engine decodes on this one thread (serving/engine.py says why: OpenMP teams per thread).
+        self.decoding = DecodingThread(self.settings.torch_threads, name="decode")
         self.load_failures: dict[str, tuple[float, str]] = {}  # name -> (when, why) of its last failed load
         # Wired here rather than as a decorator so the number of cached variants comes from the config. Serve keeps
         # its LRU state on the decorated object, so it must be a plain function (a bound method takes no attributes).
@@ -95,24 +105,25 @@ class ModelServer:
         from serving.variants import load_variant
 
         s = self.settings
-        model = await asyncio.to_thread(load_variant, self.variants[name], self.device, max_batch=s.max_batch)
+        model = await in_new_thread(load_variant, self.variants[name], self.device, max_batch=s.max_batch)
         engine = DecodeEngine(model, max_batch=s.max_batch, max_pending=s.max_pending, prefill_tokens=s.prefill_tokens,
-                              name=name)
+                              name=name, thread=self.decoding)
         self.engines[name] = engine
         return _LoadedVariant(engine)
 
     async def complete(self, body: dict):
-        """Async generator of events: one 'start' (or one 'error'), then 'text'/'finish' per choice, then 'end'."""
+        """Async generator of event batches (lists): [start] (or [error]), then 'text'/'finish' events per choice,
+        then 'end' last (serving/completions.py)."""
         name = serve.get_multiplexed_model_id()
         try:
             loaded = await self._variant(name)
         except _LoadFailed as e:  # the client gets the reason; the replica stays up for the other variants
-            yield {"event": "error", "status": 503, "code": "unavailable", "message": str(e)}
+            yield [{"event": "error", "status": 503, "code": "unavailable", "message": str(e)}]
             return
         req = CompletionRequest(**body)
-        events = run_completion(loaded.engine, req, self.settings.limits)
-        async for event in (events if req.stream else held_until_finish(events)):
-            yield event
+        batches = run_completion(loaded.engine, req, self.settings.limits, self.settings.stream_batch_ms / 1000)
+        async for batch in (batches if req.stream else held_until_finish(batches)):
+            yield batch
 
     async def _variant(self, name: str) -> "_LoadedVariant":
         """The loaded variant; raises _LoadFailed, with the reason, when loading it fails.
@@ -136,7 +147,7 @@ class ModelServer:
         return loaded
 
     def drill_crash_decoding_thread(self, name: str) -> None:
-        """Fault drills only (settings.fault_drills): kill the decoding thread of a loaded variant, so that a drill
+        """Fault drills only (settings.fault_drills): make the decoding of a loaded variant die, so that a drill
         can watch requests fail cleanly, the health check fail, and Serve replace this replica. Reachable through
         a Serve handle only (it has no HTTP route)."""
         if not self.settings.fault_drills:
@@ -144,7 +155,7 @@ class ModelServer:
         engine = self.engines.get(name)
         if engine is None or engine.closed:
             raise ValueError(f"variant {name!r} is not loaded on this replica")
-        log.warning("fault drill: crashing the decoding thread of variant %s", name)
+        log.warning("fault drill: crashing the decoding of variant %s", name)
         engine.crash_for_drill(f"fault drill on variant {name!r}")
 
     async def stats(self) -> dict:
@@ -153,7 +164,35 @@ class ModelServer:
     def check_health(self) -> None:
         failed = [name for name, engine in self.engines.items() if engine.failed]
         if failed:
-            raise RuntimeError(f"the decoding thread of variant(s) {failed} died")
+            raise RuntimeError(f"the decoding of variant(s) {failed} died")
+
+
+async def in_new_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a thread of its own that ends with it, awaited.
+
+    For loading a model: its parallel work leaves an OpenMP team on the thread that ran it, and a team left on a
+    long-lived thread (asyncio.to_thread's pool) would slow the decoding thread for as long as the replica lives
+    (serving/engine.py, DecodingThread)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(outcome: tuple) -> None:
+        if not done.cancelled():
+            error, value = outcome
+            done.set_exception(error) if error is not None else done.set_result(value)
+
+    def target() -> None:
+        try:
+            outcome = (None, fn(*args, **kwargs))
+        except BaseException as e:  # handed to the awaiting coroutine, which raises it
+            outcome = (e, None)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the event loop closed meanwhile (the replica is shutting down): nobody waits
+            pass
+
+    threading.Thread(target=target, name=f"run-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await done
 
 
 class _LoadFailed(Exception):
@@ -288,7 +327,7 @@ class Gateway:
             req = await self._parse(request)
             events = self.models.options(multiplexed_model_id=req.model, stream=True).complete.remote(req.model_dump())
             try:
-                first = await events.__anext__()
+                [first] = await events.__anext__()  # [start] or [error]
             except BackPressureError as e:
                 raise APIError(503, f"the server is busy ({e}); retry shortly", code="overloaded") from e
             except DeploymentUnavailableError as e:

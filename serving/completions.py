@@ -2,6 +2,9 @@
 and turning its events into a JSON response or server-sent events (gateway side).
 
 Events are plain dicts so they cross Ray process boundaries: {"event": "start" | "text" | "finish" | "error" | "end"}.
+They travel in batches (lists): each item of the model replica's stream is a separate Ray object, which costs far
+more than the event in it, so a stream's events are sent together when they come close in time (`run_completion`'s
+`batch_s`); the first batch holds only the 'start' or 'error' event, and the first token is never held back.
 A "text" event may carry "logprobs" (OpenAI's completions logprobs object for the tokens it covers); a "finish" event
 carries "reason" (stop | length) and "stop_reason" (the stop string or stop token id that ended it, else None).
 """
@@ -33,7 +36,7 @@ from serving.protocol import (
 class _Pump:
     """Hands engine events to the event loop with at most one wake-up of the loop per batch of events.
 
-    The engine thread produces one event per request per decoding step; waking the loop for each of them costs a
+    The decoding thread produces one event per request per decoding step; waking the loop for each of them costs a
     system call and a context switch apiece, which on a 2-core machine is taken from decoding."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -82,15 +85,19 @@ class _Choice:
 
 
 def _generation_failed(finished) -> dict:
-    if finished.unavailable:  # the engine went away (its thread died), not this request's fault: retry
+    if finished.unavailable:  # the engine went away (its decoding died), not this request's fault: retry
         return {"event": "error", "status": 503, "code": "unavailable",
                 "message": f"generation failed: {finished.error}; retry shortly"}
     return {"event": "error", "status": 500, "message": f"generation failed: {finished.error}"}
 
 
-async def run_completion(engine, req: CompletionRequest, limits: Limits):
-    """Events for one request (see ModelServer.complete): submits every choice to the engine, applies stop strings,
-    and frees the decoding rows when the consumer goes away or the request's deadline passes."""
+async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s: float = 0.0):
+    """Batches (lists) of events for one request (see ModelServer.complete): submits every choice to the engine,
+    applies stop strings, and frees the decoding rows when the consumer goes away or the request's deadline passes.
+
+    batch_s: how long an event may wait for later ones to share its batch. The first batch is the 'start' (or
+    'error') event alone, the first token goes out at once, and the events that are ready together always share a
+    batch; 0 sends each batch as soon as it is ready."""
     from gpt2.generate import check_prompt
     from gpt2.tokenizer import get_tokenizer
     from serving.engine import EngineOverloaded, EngineUnavailable, Finished, PromptLogprobs, Token
@@ -102,7 +109,7 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
             check_prompt(p, engine.config, req.max_tokens)
     except ValueError as e:
         where = f"prompt {i}: " if len(prompts) > 1 else ""
-        yield {"event": "error", "status": 400, "message": where + str(e), "param": "prompt"}
+        yield [{"event": "error", "status": 400, "message": where + str(e), "param": "prompt"}]
         return
     deadline = time.monotonic() + limits.request_timeout_s
     params = req.sampling_params()
@@ -135,18 +142,19 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
             if c.handle is not None:
                 engine.cancel(c.handle)
         if isinstance(e, ValueError):  # a setting the engine refuses (the gateway's checks let it through)
-            yield {"event": "error", "status": 400, "message": str(e)}
+            yield [{"event": "error", "status": 400, "message": str(e)}]
         else:
             code = "overloaded" if isinstance(e, EngineOverloaded) else "unavailable"
-            yield {"event": "error", "status": 503, "message": str(e), "code": code}
+            yield [{"event": "error", "status": 503, "message": str(e), "code": code}]
         return
-    yield {"event": "start", "prompt_tokens": sum(len(p) for p in prompts), "choices": len(choices)}
+    yield [{"event": "start", "prompt_tokens": sum(len(p) for p in prompts), "choices": len(choices)}]
+    batch: list[dict] = []  # events not sent yet
     if req.echo and not wants_prompt_lp:
         for c in choices:
-            yield {"event": "text", "index": c.index, "text": c.prompt_text}
+            batch.append({"event": "text", "index": c.index, "text": c.prompt_text})
             if c.handle is None:  # max_tokens 0: the echoed prompt is all there is
                 c.finished = True
-                yield {"event": "finish", "index": c.index, "reason": "length", "stop_reason": None}
+                batch.append({"event": "finish", "index": c.index, "reason": "length", "stop_reason": None})
     started = time.perf_counter()
 
     def on_event(c: _Choice, event) -> list[dict]:
@@ -201,11 +209,22 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
             return sent + [{"event": "finish", "index": c.index, "reason": reason, "stop_reason": event.stop_token}]
         return []
 
+    first_token = True  # the first generated text goes out at once: it is the time to first token
+    send_at = None  # when the held events must go
     try:
         while not all(c.finished for c in choices):
+            now = time.monotonic()
+            if batch and (send_at is None or now >= send_at):
+                yield batch
+                batch, send_at = [], None
+                continue
+            wait = deadline - now if send_at is None else min(deadline, send_at) - now
             try:
-                index, event = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:  # the request ran out of time: what it has is its answer
+                ready = [await asyncio.wait_for(events.get(), timeout=max(0.0, wait))]
+            except asyncio.TimeoutError:
+                if time.monotonic() < deadline:
+                    continue  # time to send the held events
+                # The request ran out of time: what it has is its answer.
                 for c in choices:
                     if not c.finished:
                         if c.handle is not None:
@@ -213,13 +232,21 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
                         c.finished = True
                         tail = c.text.flush()
                         if tail:
-                            yield {"event": "text", "index": c.index, "text": tail}
-                        yield {"event": "finish", "index": c.index, "reason": "length", "stop_reason": None}
+                            batch.append({"event": "text", "index": c.index, "text": tail})
+                        batch.append({"event": "finish", "index": c.index, "reason": "length", "stop_reason": None})
                 break
-            for out in on_event(choices[index], event):
-                yield out
-                if out["event"] == "error":
-                    return
+            while not events.empty():  # every event that is already here joins this batch
+                ready.append(events.get_nowait())
+            for index, event in ready:
+                for out in on_event(choices[index], event):
+                    batch.append(out)
+                    if out["event"] == "error":
+                        yield batch
+                        return
+            if batch and send_at is None:
+                generated = any(e["event"] == "text" and e["text"] for e in batch)
+                send_at = time.monotonic() + (0.0 if first_token and generated else batch_s)
+                first_token = first_token and not generated
     finally:  # also on cancellation (the client went away): free every row this request still holds
         for c in choices:
             if not c.finished and c.handle is not None:
@@ -242,21 +269,25 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits):
             "exited": exited,
             "exit_rate": exited / generated if generated else 0.0,
         }
-    yield end
+    yield batch + [end]
 
 
-async def held_until_finish(events):
-    """The events of a request that is not streamed, with each choice's text (and logprobs) held on the model
+async def held_until_finish(batches):
+    """The event batches of a request that is not streamed, with each choice's text (and logprobs) held on the model
     replica and sent in one piece just before its 'finish': the completion then crosses to the gateway in a handful
     of messages instead of one per token, which on a small machine leaves those cycles to decoding."""
     held: dict[int, list[dict]] = {}
-    async for event in events:
-        if event["event"] == "text":
-            held.setdefault(event["index"], []).append(event)
-            continue
-        if event["event"] == "finish" and event["index"] in held:
-            yield _merged(held.pop(event["index"]))
-        yield event
+    async for batch in batches:
+        out = []
+        for event in batch:
+            if event["event"] == "text":
+                held.setdefault(event["index"], []).append(event)
+                continue
+            if event["event"] == "finish" and event["index"] in held:
+                out.append(_merged(held.pop(event["index"])))
+            out.append(event)
+        if out:
+            yield out
 
 
 def _merged(pieces: list[dict]) -> dict:
@@ -267,12 +298,12 @@ def _merged(pieces: list[dict]) -> dict:
     return out
 
 
-async def collect_response(events, cid: str, model: str, n_choices: int, logprobs: bool = False) -> JSONResponse:
-    """A whole (non-streamed) OpenAI completion response from the model events."""
+async def collect_response(batches, cid: str, model: str, n_choices: int, logprobs: bool = False) -> JSONResponse:
+    """A whole (non-streamed) OpenAI completion response from the model's event batches."""
     texts: list[list[str]] = [[] for _ in range(n_choices)]
     blocks: list[list[dict]] = [[] for _ in range(n_choices)]
     finish = [{"finish_reason": "length", "stop_reason": None} for _ in range(n_choices)]
-    async for event in _guarded(events):
+    async for event in _events_of(_guarded(batches)):
         kind = event["event"]
         if kind == "text":
             texts[event["index"]].append(event["text"])
@@ -293,42 +324,58 @@ async def collect_response(events, cid: str, model: str, n_choices: int, logprob
     return JSONResponse(APIError(500, "the model stream ended early").body(), status_code=500)
 
 
-async def sse_stream(events, cid: str, model: str, include_usage: bool):
-    """Server-sent events in the OpenAI chunk format, ending with [DONE]."""
+async def sse_stream(batches, cid: str, model: str, include_usage: bool):
+    """Server-sent events in the OpenAI chunk format, ending with [DONE]: one chunk per token as always, and the
+    chunks of one batch written together (one message on to the HTTP proxy instead of one per chunk)."""
     created = int(time.time())
 
     def line(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
     try:
-        async for event in _guarded(events):
-            kind = event["event"]
-            if kind == "text":
-                yield line(chunk(cid, created, model, event["index"], event["text"], None, event.get("logprobs")))
-            elif kind == "finish":
-                yield line(chunk(cid, created, model, event["index"], "", event["reason"],
-                                 stop_reason=event.get("stop_reason")))
-            elif kind == "error":  # after the 200 and the first chunks: an OpenAI error object, then [DONE]
-                yield line(APIError(event["status"], event["message"], code=event.get("code")).body())
+        async for batch in _guarded(batches):
+            lines, failed = [], False
+            for event in batch:
+                kind = event["event"]
+                if kind == "text":
+                    lines.append(line(chunk(cid, created, model, event["index"], event["text"], None,
+                                            event.get("logprobs"))))
+                elif kind == "finish":
+                    lines.append(line(chunk(cid, created, model, event["index"], "", event["reason"],
+                                            stop_reason=event.get("stop_reason"))))
+                elif kind == "error":  # after the 200 and the first chunks: an OpenAI error object, then [DONE]
+                    lines.append(line(APIError(event["status"], event["message"], code=event.get("code")).body()))
+                    failed = True
+                    break
+                elif kind == "end" and include_usage:
+                    final = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                             "choices": []}
+                    final["usage"] = event["usage"]
+                    final.update({k: event[k] for k in ("early_exit", "tokens_per_s") if k in event})
+                    lines.append(line(final))
+            if lines:
+                yield "".join(lines)
+            if failed:
                 break
-            elif kind == "end" and include_usage:
-                final = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": []}
-                final["usage"] = event["usage"]
-                final.update({k: event[k] for k in ("early_exit", "tokens_per_s") if k in event})
-                yield line(final)
         yield "data: [DONE]\n\n"
     finally:
         # The client disconnected (or we finished): cancelling the stream cancels the replica's generator, whose
         # cleanup frees the decoding rows at the next token boundary.
-        events.cancel()
+        batches.cancel()
 
 
-async def _guarded(events):
-    """The model events, with a failure of the model replica mid-stream (it died, Serve is replacing it) turned
-    into an error event, so the client always gets a well-formed answer."""
+async def _guarded(batches):
+    """The model's event batches, with a failure of the model replica mid-stream (it died, Serve is replacing it)
+    turned into an error event, so the client always gets a well-formed answer."""
     try:
-        async for event in events:
-            yield event
+        async for batch in batches:
+            yield batch
     except Exception as e:  # RayActorError and friends: all the client can do is retry
-        yield {"event": "error", "status": 503, "code": "unavailable",
-               "message": f"the model replica failed during generation ({type(e).__name__}); retry"}
+        yield [{"event": "error", "status": 503, "code": "unavailable",
+                "message": f"the model replica failed during generation ({type(e).__name__}); retry"}]
+
+
+async def _events_of(batches):
+    async for batch in batches:
+        for event in batch:
+            yield event

@@ -15,8 +15,9 @@ Sampling is batched (gpt2.sampling): each request has its own seeded generator, 
 same tokens whether it runs alone or shares its steps with others. A request may ask for log-probabilities of its
 tokens and of its prompt's tokens (the prompt's come from the same prefill pass, in the model's dtype's logits).
 
-The engine runs in one background thread; callers submit from any thread and receive events through a callback
-that is invoked on the engine thread (keep it cheap: hand the event to a queue).
+The engine runs on a decoding thread (`DecodingThread`); callers submit from any thread and receive events through a
+callback that is invoked on that thread (keep it cheap: hand the event to a queue). Several engines (the variants of
+a model replica) share one decoding thread and take turns, a step each: see `DecodingThread` for why.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -37,6 +38,7 @@ from gpt2.protocols import ExitingModel, LanguageModel
 from gpt2.sampling import MAX_TOP_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class EngineOverloaded(RuntimeError):
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine takes no more requests: it was closed (its variant unloaded) or its decoding thread died. The
+    """The engine takes no more requests: it was closed (its variant unloaded) or its decoding died. The
     caller should answer 503: a retry reaches a reloaded variant or a replacement replica."""
 
 
@@ -114,12 +116,121 @@ class Request:
         return self.sampling.generated if self.sampling else 0
 
 
+class DecodingThread:
+    """The thread that runs the models of a process: every engine given to it decodes on it, one step per turn.
+
+    Why one thread for all of them: OpenMP, PyTorch's CPU threading, keeps a team of worker threads for every thread
+    that runs parallel work, and once a process holds more of those workers than it has cores, libgomp stops letting
+    them spin between parallel regions. Each of the few hundred small operations of a decoding step then waits for
+    its workers to be woken. Measured on the 2-core development machine (124M bf16, 2 torch threads): an engine
+    thread decoding while another thread of the process held a team made 42 tokens/s at batch 1 and 428 at 16
+    rows; alone, 59 and 587. So a process that serves models keeps its parallel work on this one thread: the
+    engines' steps and the allocation of their caches (`call`). Loading a model belongs on a short-lived thread,
+    whose team ends with it.
+
+    An engine made without one gets its own, which ends when the engine is closed.
+    """
+
+    def __init__(self, threads: int | None = None, *, name: str = "decode", private: bool = False) -> None:
+        self.lock = threading.Condition()
+        self.threads = threads or torch.get_num_threads()  # OpenMP threads of this thread's parallel work
+        self._engines: list[DecodeEngine] = []
+        self._calls: list[_Call] = []
+        self._private = private  # the thread of one engine: it ends with that engine
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def add(self, engine: "DecodeEngine") -> None:
+        with self.lock:
+            if not self._thread.is_alive():
+                raise EngineUnavailable("the decoding thread is not running")
+            self._engines.append(engine)
+            self.lock.notify_all()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() run on this thread between two turns; its result, or its exception raised here."""
+        if self.is_current():
+            return fn()
+        call = _Call(fn)
+        with self.lock:
+            if not self._thread.is_alive():
+                raise EngineUnavailable("the decoding thread is not running")
+            self._calls.append(call)
+            self.lock.notify_all()
+        return call.result()
+
+    def _run(self) -> None:
+        # OpenMP thread counts are per thread: a new thread starts from OMP_NUM_THREADS (which Ray sets to the
+        # replica's CPU count, often 1), not from the torch.set_num_threads of the thread that created it.
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self.lock:
+                        while True:
+                            calls, self._calls = self._calls, []
+                            ready = [e for e in self._engines if e._has_work()]
+                            if calls or ready:
+                                break
+                            self.lock.wait()
+                    for call in calls:
+                        call.run()
+                    for engine in ready:  # a step each, so no variant waits for another's whole request
+                        engine._turn()
+                    with self.lock:
+                        had = len(self._engines)
+                        self._engines = [e for e in self._engines if not e._ended.is_set()]
+                        if self._private and had and not self._engines and not self._calls:
+                            return
+        except BaseException as e:  # a fault of this loop itself, not of one engine's step: every engine fails
+            with self.lock:
+                engines, self._engines = list(self._engines), []
+                calls, self._calls = self._calls, []
+            for engine in engines:
+                engine._die(e)
+            for call in calls:
+                call.fail(EngineUnavailable(f"the decoding thread died ({type(e).__name__}: {e})"))
+
+
+class _Call:
+    """A function to run on the decoding thread, and its outcome for the thread that waits for it."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.done = fn, threading.Event()
+        self.value, self.error = None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # raised again in the caller's thread
+            self.error = e
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class DecodeEngine:
     """Continuous-batching decoder for a language model (gpt2.protocols.LanguageModel: a GPT, its quantized or packed
     copies, an EarlyExitGPT); an early-exit one (ExitingModel) decodes with each request's exit threshold.
 
     max_batch: cache rows, i.e. requests decoded together; more requests wait (up to max_pending) for a free row.
     prefill_tokens: the most token slots (rows × padded width) one prefill pass takes.
+    thread: the DecodingThread it decodes on, shared with other engines; by default a thread of its own.
     """
 
     def __init__(
@@ -130,6 +241,7 @@ class DecodeEngine:
         max_pending: int = 64,
         prefill_tokens: int = 512,
         name: str = "model",
+        thread: DecodingThread | None = None,
     ) -> None:
         if max_batch < 1 or max_pending < 0 or prefill_tokens < 1:
             raise ValueError(
@@ -146,22 +258,21 @@ class DecodeEngine:
         # The same model seen as an early-exit one, or None. isinstance only sees that it has forward_with_exits,
         # exit_layer and threshold (a runtime_checkable protocol), which is all the engine uses.
         self._exiting: ExitingModel | None = model if isinstance(model, ExitingModel) else None
-        self._cache = model.new_kv_cache(max_batch)
         self._decoding: list[Request] = []  # rows [0, len)
         self._prefilling: list[Request] = []  # the rows after them
         self._pending: collections.deque[Request] = collections.deque()
-        self._wake = threading.Condition()
+        self._thread = thread or DecodingThread(name=f"decode-{name}", private=True)
+        self._wake = self._thread.lock  # one lock for the thread and every engine on it
+        # Allocated (zero-filled: parallel work) on the decoding thread, like everything the engine computes.
+        self._cache = self._thread.call(lambda: model.new_kv_cache(max_batch))
+        self._ended = threading.Event()  # closed or died: the decoding thread has let go of this engine
         self._ids = itertools.count(1)
         self._closed = False
         self._died: str | None = None  # why the decoding thread died, once it has
         self._drill: str | None = None  # a fault drill's message: the thread dies at its next turn
         self._counters = collections.Counter()
         self._started = time.monotonic()
-        # OpenMP thread counts are per thread: a new thread starts from OMP_NUM_THREADS (which Ray sets to the
-        # replica's CPU count, often 1), not from the torch.set_num_threads of the thread that created it.
-        self._threads = torch.get_num_threads()
-        self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
-        self._thread.start()
+        self._thread.add(self)
 
     # ---- caller side (any thread) ----
 
@@ -178,7 +289,7 @@ class DecodeEngine:
         prompt_logprobs: int | None = None,
     ) -> Request:
         """Queue a request; raises ValueError for a bad prompt or seed, EngineOverloaded when the queue is full, and
-        EngineUnavailable when the engine was closed or its thread died.
+        EngineUnavailable when the engine was closed or its decoding died.
 
         max_tokens 0 scores the prompt without generating (it needs prompt_logprobs).
         """
@@ -197,7 +308,7 @@ class DecodeEngine:
             if self._closed:
                 raise EngineUnavailable(f"model {self.name!r} was unloaded; try again")
             if self._died is not None:
-                raise EngineUnavailable(f"the decoding thread of model {self.name!r} died ({self._died}); the replica"
+                raise EngineUnavailable(f"the decoding of model {self.name!r} died ({self._died}); the replica"
                                         " is being replaced, try again shortly")
             active = len(self._decoding) + len(self._prefilling)
             if active + len(self._pending) >= self.max_batch + self.max_pending:
@@ -221,13 +332,14 @@ class DecodeEngine:
 
     @property
     def failed(self) -> bool:
-        """The decoding thread died without being closed (a replica health check reports this)."""
-        return not self._closed and (self._died is not None or not self._thread.is_alive())
+        """Its decoding died without the engine being closed (a replica health check reports this)."""
+        return not self._closed and (self._died is not None or not self._thread.alive)
 
     def crash_for_drill(self, message: str = "fault drill") -> None:
-        """Fault drills only: make the decoding thread die at its next turn, as an unexpected fatal error would (a
-        BaseException outside the per-step error handling). Its requests end with an error; the engine is `failed`.
-        The server reaches this only with `fault_drills` on (serving/app.py, off by default)."""
+        """Fault drills only: make this engine's decoding die at its next turn, as an unexpected fatal error would (a
+        BaseException outside the per-step error handling). Its requests end with an error; the engine is `failed`;
+        other engines on the same decoding thread go on. The server reaches this only with `fault_drills` on
+        (serving/app.py, off by default)."""
         with self._wake:
             self._drill = message
             self._wake.notify()
@@ -252,71 +364,80 @@ class DecodeEngine:
         }
 
     def close(self) -> None:
-        """Stop the decoding thread; running and waiting requests finish as cancelled. Idempotent."""
+        """Stop decoding; running and waiting requests finish as cancelled. Idempotent."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+            self._wake.notify_all()
+        if not self._thread.is_current():  # from a listener, the turn that follows does it
+            self._ended.wait(timeout=30)
 
     # ---- engine thread ----
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:  # the thread dies; its callers must not wait for events that will never come
-            reason = f"{type(e).__name__}: {e}"
-            log.critical("the decoding thread of %s died (%s)", self.name, reason, exc_info=True)
-            with self._wake:  # from here on submit refuses: nothing can be queued after the queue is emptied below
-                self._died = reason
-                waiting = [*self._decoding, *self._prefilling, *self._pending]
-                self._decoding, self._prefilling = [], []
-                self._pending.clear()
-            # The cache's state is unknown after a fatal error: the requests are told, their rows are not released.
-            event = Finished("error", f"the decoding thread died ({reason})", unavailable=True)
-            for request in waiting:
-                self._count_finished(event)
-                self._emit(request, event)
-            # The thread ends here (the error is logged above): `failed` is now true, the replica's health check
-            # fails, and Serve replaces the replica.
+    def _has_work(self) -> bool:
+        """Whether a turn has anything to do (called with the lock held)."""
+        if self._ended.is_set():
+            return False
+        return bool(self._closed or self._drill is not None or self._pending or self._decoding or self._prefilling)
 
-    def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while (not self._closed and self._drill is None and not self._pending and not self._decoding
-                           and not self._prefilling):
-                        self._wake.wait()
-                    if self._closed:
-                        break
-                    if self._drill is not None:
-                        raise FaultDrill(self._drill)
-                    free = self.max_batch - len(self._decoding) - len(self._prefilling)
-                    admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
-                for request in admitted:
-                    try:
-                        self._admit(request)
-                    except Exception as e:  # this request's own fault (e.g. its settings): only it fails
-                        log.exception("admitting request %d to %s failed", request.id, self.name)
-                        if request in self._prefilling:
-                            self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
-                        else:
-                            self._count_finished(Finished("error"))
-                            self._emit(request, Finished("error", f"{type(e).__name__}: {e}"))
+    def _turn(self) -> None:
+        """One step: admit waiting requests, prefill, decode one token for every decoding row; or close."""
+        try:
+            with self._wake:
+                closing = self._closed
+                if self._drill is not None and not closing:
+                    raise FaultDrill(self._drill)
+                free = self.max_batch - len(self._decoding) - len(self._prefilling)
+                admitted = [] if closing else [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+            if closing:  # submit refuses from now on, so nothing joins the queue while it is emptied
+                self._close_now()
+                return
+            for request in admitted:
                 try:
-                    self._drop_cancelled()
-                    if self._prefilling:
-                        self._prefill_step()
-                    if self._decoding:
-                        self._decode_step()
-                except Exception as e:  # a failed pass must not leave callers waiting forever
-                    log.exception("decoding step of %s failed", self.name)
-                    for request in [*self._decoding, *self._prefilling]:
+                    self._admit(request)
+                except Exception as e:  # this request's own fault (e.g. its settings): only it fails
+                    log.exception("admitting request %d to %s failed", request.id, self.name)
+                    if request in self._prefilling:
                         self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
+                    else:
+                        self._count_finished(Finished("error"))
+                        self._emit(request, Finished("error", f"{type(e).__name__}: {e}"))
+            try:
+                self._drop_cancelled()
+                if self._prefilling:
+                    self._prefill_step()
+                if self._decoding:
+                    self._decode_step()
+            except Exception as e:  # a failed pass must not leave callers waiting forever
+                log.exception("decoding step of %s failed", self.name)
+                for request in [*self._decoding, *self._prefilling]:
+                    self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
+        except BaseException as e:  # this engine's decoding dies; its callers must not wait for events never coming
+            self._die(e)
+
+    def _close_now(self) -> None:
+        """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""
         for request in [*self._decoding, *self._prefilling]:
             self._finish(request, Finished("cancelled", "the engine was closed"))
         for request in self._pending:
             self._emit(request, Finished("cancelled", "the engine was closed"))
+        self._pending.clear()
+        self._ended.set()
+
+    def _die(self, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        log.critical("the decoding of %s died (%s)", self.name, reason, exc_info=error)
+        with self._wake:  # from here on submit refuses: nothing can be queued after the queue is emptied below
+            self._died = reason
+            waiting = [*self._decoding, *self._prefilling, *self._pending]
+            self._decoding, self._prefilling = [], []
+            self._pending.clear()
+        # The cache's state is unknown after a fatal error: the requests are told, their rows are not released.
+        event = Finished("error", f"the decoding of model {self.name!r} died ({reason})", unavailable=True)
+        for request in waiting:
+            self._count_finished(event)
+            self._emit(request, event)
+        # `failed` is now true, the replica's health check fails, and Serve replaces the replica.
+        self._ended.set()
 
     def _admit(self, request: Request) -> None:
         if request.cancelled:

@@ -75,7 +75,8 @@ class GatewayMetrics:
 
 
 class TimedEvents:
-    """The model event stream of one completion, passed through unchanged while its timings and tokens are recorded.
+    """The model event stream (batches of events) of one completion, passed through unchanged while its timings and
+    tokens are recorded.
 
     A class rather than an async generator because the consumers also call `cancel()` on the stream (when the client
     goes away), which must reach the model replica's generator."""
@@ -88,20 +89,21 @@ class TimedEvents:
     def __aiter__(self) -> "TimedEvents":
         return self
 
-    async def __anext__(self) -> dict:
-        event = await self._events.__anext__()
-        kind = event.get("event")
+    async def __anext__(self) -> list[dict]:
+        batch = await self._events.__anext__()
         elapsed = time.perf_counter() - self._started
-        if kind == "text" and not self._first_text_seen:
-            self._first_text_seen = True
-            if self._streamed:  # a request that is not streamed gets its text in one piece at the end
-                self._metrics.ttft.labels(self._variant).observe(elapsed)
-        elif kind in ("end", "error") and not self._done:
-            self._done = True
-            self._metrics.latency.labels(self._variant).observe(elapsed)
-            if kind == "end":
-                self._metrics.tokens.labels(self._variant).inc(event["usage"]["completion_tokens"])
-        return event
+        for event in batch:
+            kind = event.get("event")
+            if kind == "text" and not self._first_text_seen:
+                self._first_text_seen = True
+                if self._streamed:  # a request that is not streamed gets its text in one piece at the end
+                    self._metrics.ttft.labels(self._variant).observe(elapsed)
+            elif kind in ("end", "error") and not self._done:
+                self._done = True
+                self._metrics.latency.labels(self._variant).observe(elapsed)
+                if kind == "end":
+                    self._metrics.tokens.labels(self._variant).inc(event["usage"]["completion_tokens"])
+        return batch
 
     def cancel(self) -> None:
         self._events.cancel()

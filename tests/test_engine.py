@@ -12,7 +12,15 @@ import torch
 from gpt2 import EOT_TOKEN, GPT, preset
 from gpt2.generate import SamplingParams, generate
 from gpt2.tokenizer import get_tokenizer
-from serving.engine import DecodeEngine, EngineOverloaded, Finished, PromptLogprobs, Token
+from serving.engine import (
+    DecodeEngine,
+    DecodingThread,
+    EngineOverloaded,
+    EngineUnavailable,
+    Finished,
+    PromptLogprobs,
+    Token,
+)
 from serving.protocol import APIError, CompletionRequest, Limits, StopMatcher, StopText, check_request
 
 
@@ -81,6 +89,65 @@ def test_concurrent_requests_each_equal_their_own_generation(model, engine):
     assert stats["active"] == 0 and stats["pending"] == 0
     assert stats["mean_batch"] > 1, "concurrent requests should have shared decoding steps"
     assert stats["requests_finished"] == len(collectors)
+
+
+def test_engines_of_several_variants_decode_on_one_thread(model):
+    """A model replica's variants share one decoding thread (OpenMP keeps a team per thread that computes, and more
+    teams than cores slow every step): each engine's requests still equal their solo generation, everything an
+    engine computes, its cache included, happens on that thread, and one engine's fatal failure leaves the other
+    decoding."""
+    other = GPT(preset("tiny")).eval()
+    shared = DecodingThread(name="decode-shared-test")
+    where = []
+    allocate = other.new_kv_cache
+    other.new_kv_cache = lambda *a, **k: where.append(threading.current_thread().name) or allocate(*a, **k)
+    a = DecodeEngine(model, max_batch=2, thread=shared, name="a")
+    b = DecodeEngine(other, max_batch=2, thread=shared, name="b")
+    try:
+        assert where == ["decode-shared-test"]
+        where.clear()
+        assert [t.name for t in threading.enumerate()].count("decode-shared-test") == 1
+        runs = []
+        for engine, m in ((a, model), (b, other), (a, model), (b, other)):
+            for prompt in PROMPTS[:2]:
+                c = Collector()
+                engine.submit(prompt, 12, SamplingParams(temperature=0), c)
+                runs.append((m, prompt, c))
+        for m, prompt, c in runs:
+            assert c.wait().tokens == generate(m, prompt, 12, temperature=0)[0]
+
+        class Slow(Collector):  # keeps the request running well past the drill
+            def __call__(self, event) -> None:
+                time.sleep(0.01)
+                super().__call__(event)
+
+        long = Slow()
+        a.submit(PROMPTS[0], 120, SamplingParams(temperature=0, ignore_eos=True), long)
+        a.crash_for_drill("drill on a")
+        assert long.wait().finished.reason == "error" and "drill on a" in long.finished.error
+        assert a.failed and not b.failed and shared.alive
+        with pytest.raises(EngineUnavailable):
+            a.submit(PROMPTS[1], 3, SamplingParams(temperature=0), Collector())
+        c = Collector()
+        b.submit(PROMPTS[2], 10, SamplingParams(temperature=0), c)
+        assert c.wait().tokens == generate(other, PROMPTS[2], 10, temperature=0)[0]
+    finally:
+        a.close()
+        b.close()
+    assert shared.alive  # a shared thread outlives its engines; an engine's own thread does not
+
+
+def test_an_engine_of_its_own_ends_its_thread_when_closed(model):
+    e = DecodeEngine(model, max_batch=2, name="own")
+    thread = e._thread
+    c = Collector()
+    e.submit(PROMPTS[0], 5, SamplingParams(temperature=0), c)
+    c.wait()
+    e.close()
+    deadline = time.monotonic() + 10
+    while thread.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not thread.alive
 
 
 def test_end_of_text_finishes_with_stop(model):
@@ -311,14 +378,13 @@ def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
     from serving.completions import held_until_finish
 
     async def events():
-        for e in ({"event": "start", "choices": 2}, {"event": "text", "index": 0, "text": "He"},
-                  {"event": "text", "index": 1, "text": "A"}, {"event": "text", "index": 0, "text": "llo"},
-                  {"event": "finish", "index": 0, "reason": "length"}, {"event": "finish", "index": 1, "reason": "stop"},
-                  {"event": "end", "usage": {}}):
-            yield e
+        yield [{"event": "start", "choices": 2}]
+        yield [{"event": "text", "index": 0, "text": "He"}, {"event": "text", "index": 1, "text": "A"}]
+        yield [{"event": "text", "index": 0, "text": "llo"}, {"event": "finish", "index": 0, "reason": "length"}]
+        yield [{"event": "finish", "index": 1, "reason": "stop"}, {"event": "end", "usage": {}}]
 
     async def collect():
-        return [e async for e in held_until_finish(events())]
+        return [e async for batch in held_until_finish(events()) for e in batch]
 
     assert asyncio.run(collect()) == [
         {"event": "start", "choices": 2},
@@ -340,8 +406,8 @@ def test_a_request_past_its_deadline_ends_with_length_and_frees_its_rows(model):
 
         async def run():
             events = []
-            async for event in run_completion(e, slow, Limits(request_timeout_s=0.0)):
-                events.append(event)
+            async for batch in run_completion(e, slow, Limits(request_timeout_s=0.0)):
+                events.extend(batch)
             return events
 
         events = asyncio.run(run())
@@ -354,3 +420,28 @@ def test_a_request_past_its_deadline_ends_with_length_and_frees_its_rows(model):
             time.sleep(0.05)
     finally:
         e.close()
+
+
+def test_streamed_tokens_travel_in_batches_but_the_first_goes_at_once(model, engine):
+    """run_completion's batch_s: the first item is [start] alone, the first token is not held back, and later
+    tokens that come within batch_s of each other share an item (one Ray message instead of one per token);
+    the text is the same whatever the batching."""
+    import asyncio
+
+    from serving.completions import run_completion
+
+    req = CompletionRequest(model="m", prompt=PROMPTS[0], max_tokens=30, temperature=0, ignore_eos=True, stream=True)
+
+    async def run(batch_s: float):
+        return [batch async for batch in run_completion(engine, req, Limits(), batch_s)]
+
+    expected = get_tokenizer().decode(generate(model, PROMPTS[0], 30, temperature=0, stop_at_eot=False)[0])
+    for batch_s, most in ((0.0, None), (10.0, 3)):
+        batches = asyncio.run(run(batch_s))
+        events = [e for b in batches for e in b]
+        assert batches[0] == [events[0]] and events[0]["event"] == "start" and events[-1]["event"] == "end"
+        assert "".join(e["text"] for e in events if e["event"] == "text") == expected
+        texts = [b for b in batches if any(e["event"] == "text" for e in b)]
+        assert len([e for e in texts[0] if e["event"] == "text"]) == 1, "the first token was held back"
+        if most is not None:  # held for 10 s: everything after the first token comes in the last item or two
+            assert len(batches) <= most, [len(b) for b in batches]
