@@ -116,6 +116,11 @@ RUN_BY = {
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"): "test_pretrain_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
+    ("docs/serving.md", ".venv/bin/python -c"): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
+    ("docs/serving.md", "DIR="): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
+    ("docs/serving.md", "DATA="): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
+    ("docs/serving.md", "cp "): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
+    ("docs/serving.md", "cat > "): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
@@ -136,11 +141,6 @@ NOT_YET_RUN = [
     ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
     ("docs/serving.md", ".venv/bin/python jobs/serve.py"),
     ("docs/serving.md", ".venv/bin/serve run"),
-    ("docs/serving.md", "DIR="),
-    ("docs/serving.md", "DATA="),
-    ("docs/serving.md", "cp "),
-    ("docs/serving.md", "cat > "),
-    ("docs/serving.md", ".venv/bin/python -c"),
 ]
 
 
@@ -329,3 +329,49 @@ def test_the_server_answers_the_documented_curls(user_dir):
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             stop_group(server, timeout=5)
+
+
+def test_the_recipe_for_a_checkpoint_both_servers_can_load(tmp_path):
+    """docs/serving.md: the command that writes a random-weight 124M checkpoint, as written; then the recipe that
+    gives an older checkpoint the tokenizer files vLLM and transformers read, run as one shell script with DIR
+    filled in, on that checkpoint with those files removed. The recipe must give back the files save_pretrained
+    writes, and transformers' tokenizer must then encode as the project's does."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from gpt2.tokenizer import get_tokenizer
+
+    commands = _commands_run_by("test_the_recipe_for_a_checkpoint_both_servers_can_load")
+    [create] = [c for c in commands if c.text.startswith(".venv/bin/python -c")]
+    recipe = [c for c in commands if c is not create]
+    assert [c.text.split()[0] for c in recipe] == ["DIR=/path/to/checkpoint", "DATA=$(.venv/bin/python", "cp", "cp",
+                                                   "cat"]
+    work = tmp_path / "user"
+    work.mkdir()
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    _run_as_written(create, work, timeout=300)
+    checkpoint = work / "ckpt-124m"
+    names = ("vocab.json", "merges.txt", "tokenizer_config.json")
+    written = {name: (checkpoint / name).read_bytes() for name in names}
+    for name in names:
+        (checkpoint / name).unlink()
+
+    # The recipe's whole block (its heredoc included), as a script, with DIR set to the checkpoint.
+    lines = (ROOT / recipe[0].document).read_text().splitlines()
+    first, end = recipe[0].line - 1, recipe[-1].line
+    while lines[end].strip() != "```":
+        end += 1
+    script = "\n".join(lines[first:end])
+    script = re.sub(r"^DIR=\S+", f"DIR={checkpoint}", script, count=1)
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    for name in ("vocab.json", "merges.txt"):
+        assert (checkpoint / name).read_bytes() == written[name], f"{name} differs from what save_pretrained writes"
+    assert json.loads((checkpoint / "tokenizer_config.json").read_text()) == json.loads(written["tokenizer_config.json"])
+    text = "Hello world! Tokenizers   split 'quotes', numbers 12345 and émigré text.\n\nNew paragraph."
+    hf = AutoTokenizer.from_pretrained(str(checkpoint))
+    assert hf.encode(text) == get_tokenizer().encode(text)
+    assert hf.decode(hf.encode(text)) == text

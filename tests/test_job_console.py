@@ -80,8 +80,8 @@ def test_people_see_the_stages_steps_summaries_and_results_and_the_log_file_keep
         "[prepare] done in 23 s",
         "[pretrain] running",
         "  step 1/60 | loss 10.8016 | 18073 ms | 227 tokens/s | val_loss 10.7940",
-        "  step 2/60 | loss 10.1821 | 13530 ms | 303 tokens/s | ETA 9m40s",  # 10 s a step so far, 58 steps to go
-        "  step 3/60 | loss 9.8323 | 13059 ms | 314 tokens/s | ETA 9m30s",
+        "  step 2/60 | loss 10.1821 | 13530 ms | 303 tokens/s | ETA 13m05s",  # 13.53 s a step so far, 58 to go
+        "  step 3/60 | loss 9.8323 | 13059 ms | 314 tokens/s | ETA 12m38s",  # the first step (start-up) left out
         "[pretrain] done in 700 s",
         "[evaluate] running",
         "  16/624 blocks (3%)",  # the first count; then one line per tenth of the work
@@ -132,8 +132,17 @@ def test_errors_and_tracebacks_are_shown_in_full_and_a_failure_shows_the_end_of_
     assert shown[1:] == [line.replace(ESC + "[36m", "").replace(ESC + "[0m", "") for line in lines]
 
 
+def test_the_time_left_comes_from_the_step_durations_not_from_when_the_lines_arrive():
+    """Ray hands a job's output over in bursts: lines that arrive together still give the pace their steps took."""
+    shown, log = [], io.StringIO()
+    console = JobConsole(log, shown.append, clock=lambda: 0.0)  # every line arrives at the same moment
+    for s in (1, 2, 3):
+        console.feed(f"{WORKER}step {s}/60 | loss 5.0 | {3000 if s == 1 else 1300} ms | 1 tokens/s\n")
+    assert [line.rsplit("| ", 1)[-1] for line in shown] == ["1 tokens/s", "ETA 1m15s", "ETA 1m14s"]
+
+
 def test_a_resumed_run_restarts_the_time_estimate():
     """After a worker restart the steps start again from the checkpoint: the pace is measured anew."""
-    shown, _, _ = watch([f"{WORKER}step {s}/10 | loss 5.0 | 100 ms | 1 tokens/s" for s in (1, 2, 3, 2, 3, 4)])
+    shown, _, _ = watch([f"{WORKER}step {s}/10 | loss 5.0 | 10000 ms | 1 tokens/s" for s in (1, 2, 3, 2, 3, 4)])
     assert [line.rsplit("| ", 1)[-1] for line in shown] == [
         "1 tokens/s", "ETA 1m20s", "ETA 1m10s", "1 tokens/s", "ETA 1m10s", "ETA 1m00s"]

@@ -33,6 +33,7 @@ RAY_RECORD = re.compile(
 )
 STAGE = re.compile(r"^\[(prepare|pretrain|evaluate|finetune|early_exit|serve)\] ")
 STEP = re.compile(r"^(step|epoch) (?P<step>\d+)/(?P<total>\d+) \|")  # pretraining's steps, fine-tuning's epochs
+STEP_MS = re.compile(r"\| (?P<ms>\d+) ms \|")  # the duration a step line reports
 JOB_ID = re.compile(r"Job '(?P<id>raysubmit_\w+)' submitted successfully")
 # Tune's console reporter: status headers, its box-drawn tables, per-trial result blocks.
 TUNE_STATUS = re.compile(r"^Trial status: (?P<status>.+)$")
@@ -62,6 +63,7 @@ class JobConsole:
         self._results = False  # past RESULTS_MARKER: the driver's lines are the summary
         self._traceback = False
         self._step_started: tuple[float, int] | None = None  # (time, step) of the first step line of a run
+        self._step_ms: list[int] | None = None  # the reported durations of this run's steps after its first
         self._last_step = 0
         self._tune_status: str | None = None
         self._data_tenth: int | None = None  # the tenth of Ray Data's work last shown
@@ -104,7 +106,7 @@ class JobConsole:
 
     def _shown(self, source: str | None, text: str) -> str | None:
         if STAGE.match(text):  # a new stage: its counts start afresh
-            self._step_started, self._last_step, self._data_tenth = None, 0, None
+            self._step_started, self._step_ms, self._last_step, self._data_tenth = None, None, 0, None
             return text
         if text.startswith(("error:", "WARNING:")):
             return text
@@ -125,9 +127,24 @@ class JobConsole:
     def _step_line(self, text: str, step: int, total: int) -> str:
         """The step line, cut to what matters, with the time left."""
         fields = [f for f in text.split(" | ") if not f.startswith(("lr ", "grad norm", "MFU"))]
-        if left := self._time_left(step, total):
+        duration = STEP_MS.search(text)
+        left = self._time_left(step, total) if duration is None else self._steps_left(step, total, int(duration["ms"]))
+        if left:
             fields.append(f"ETA {left}")
         return "  " + " | ".join(fields)
+
+    def _steps_left(self, done: int, total: int, ms: int) -> str | None:
+        """From the durations the step lines report: Ray delivers a job's output in bursts, so the time the lines
+        arrive says little about the pace. A run's first step (start-up included) is left out; a count that goes
+        back starts a new run (a resume)."""
+        if self._step_ms is None or done <= self._last_step:
+            self._step_ms = []
+        else:
+            self._step_ms.append(ms)
+        self._last_step = done
+        if not self._step_ms:
+            return None
+        return eta(sum(self._step_ms) / len(self._step_ms) / 1000 * (total - done))
 
     def _data_progress(self, done: int, total: int) -> None:
         """Ray Data logs its progress every few seconds: shown as one line per tenth of the work done (Ray Data
