@@ -13,6 +13,7 @@ import csv
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,26 +170,34 @@ def test_a_search_trial_survives_losing_its_node(cluster, tmp_path):
     assert histories in ([[1, 2], [1, 2]], [[1, 1, 2], [1, 2]]), histories
 
 
-def _stream(base: str, body: dict) -> tuple[int, str]:
-    """A streamed completion: (status, the whole body as received), whatever happens to the connection."""
+def _stream(base: str, body: dict, under_way: "threading.Event") -> tuple[int, str]:
+    """A streamed completion: (status, the whole body as received), whatever happens to the connection.
+    `under_way` is set once its first chunk has arrived (or once it has failed before that)."""
     import httpx
 
     try:
         with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
-            return r.status_code, "".join(r.iter_text())
+            received = []
+            for piece in r.iter_text():
+                received.append(piece)
+                under_way.set()
+            return r.status_code, "".join(received)
     except httpx.HTTPError as e:
         return -1, f"{type(e).__name__}: {e}"
+    finally:
+        under_way.set()
 
 
 def _streams_during(base: str, body: dict, event) -> list[tuple[int, str]]:
-    """Three streamed completions under way when `event()` runs; their (status, body) once they have ended."""
-    import threading
-
+    """Three streamed completions under way when `event()` runs (each has received its first chunk: a fixed wait
+    let a fast machine finish them first); their (status, body) once they have ended."""
     streams: list[tuple[int, str]] = []
-    threads = [threading.Thread(target=lambda: streams.append(_stream(base, body))) for _ in range(3)]
+    started = [threading.Event() for _ in range(3)]
+    threads = [threading.Thread(target=lambda e=e: streams.append(_stream(base, body, e))) for e in started]
     for t in threads:
         t.start()
-    time.sleep(2)
+    for e in started:
+        assert e.wait(timeout=120), "a stream got no first chunk within 120 s"
     event()
     for t in threads:
         t.join(timeout=180)
@@ -256,7 +265,8 @@ def _serve_and_lose_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
         cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-4000:]
     base = f"http://127.0.0.1:{port}"
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 600, "temperature": 0}
+    # As long as the context allows (1 prompt token + 1,000): the streams must outlast the node's loss.
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     assert httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 4}, timeout=120).status_code == 200
     [model_node] = [n for n in cluster.nodes if cluster.runs(n, "ModelServer")]
     [gateway_node] = [n for n in cluster.nodes if cluster.runs(n, "Gateway")]
