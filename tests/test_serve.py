@@ -46,8 +46,9 @@ def server(tmp_path_factory):
     variants = {
         "pretrained": _save(root / "pretrained", tiny, 0),
         "finetuned": _save(root / "finetuned", tiny, 1),
-        # A wider context, so a long generation can be interrupted mid-way.
-        "long": _save(root / "long", tiny.replace(block_size=1024), 2),
+        # A wider context and a bigger model, so a long generation can be interrupted mid-way: the tiny model makes
+        # its 1,000 tokens in about a second on a fast machine, which a disconnect's cancellation did not beat.
+        "long": _save(root / "long", preset("small").replace(block_size=1024), 2),
     }
     variants["int8"] = {"source": variants["pretrained"], "quantize": "int8"}
     variants["nf4"] = {"source": variants["pretrained"], "quantize": "nf4"}
