@@ -342,7 +342,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         version = f", version {peer['version']}" if peer.get("version") else ""
         print(f"peer: {peer_url}, model id {peer_model!r}{version}")
     max_batch = args.max_batch or max(levels)
-    from serving.app import ServerSettings
+    from serving.settings import ServerSettings
 
     stream_batch_ms = ServerSettings(variants={}).stream_batch_ms if args.stream_batch_ms is None \
         else args.stream_batch_ms

@@ -1,10 +1,10 @@
-"""From model events to OpenAI responses: running one completion request on a decoding engine (model replica side),
-and turning its events into a JSON response or server-sent events (gateway side).
+"""From model events to OpenAI responses: running one completion request on a decoding engine, and turning its events
+into a JSON response or server-sent events.
 
-Events are plain dicts so they cross Ray process boundaries: {"event": "start" | "text" | "finish" | "error" | "end"}.
-They travel in batches (lists): each item of the model replica's stream is a separate Ray object, which costs far
-more than the event in it, so a stream's events are sent together when they come close in time (`run_completion`'s
-`batch_s`); the first batch holds only the 'start' or 'error' event, and the first token is never held back.
+Events are plain dicts: {"event": "start" | "text" | "finish" | "error" | "end"}. They come in batches (lists): what
+a streamed batch becomes is one message from the replica to Serve's HTTP proxy, which costs far more than the
+events in it, so a stream's events go together when they come close in time (`run_completion`'s `batch_s`); the
+first batch holds only the 'start' or 'error' event, and the first token is never held back.
 A "text" event may carry "logprobs" (OpenAI's completions logprobs object for the tokens it covers); a "finish" event
 carries "reason" (stop | length) and "stop_reason" (the stop string or stop token id that ended it, else None).
 """
@@ -12,7 +12,9 @@ carries "reason" (stop | length) and "stop_reason" (the stop string or stop toke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import threading
 import time
 import weakref
@@ -31,6 +33,8 @@ from serving.protocol import (
     merge_logprobs,
     response,
 )
+
+log = logging.getLogger("ray.serve")
 
 
 class _Pump:
@@ -92,7 +96,7 @@ def _generation_failed(finished) -> dict:
 
 
 async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s: float = 0.0):
-    """Batches (lists) of events for one request (see ModelServer.complete): submits every choice to the engine,
+    """Batches (lists) of events for one request (see ModelPool.complete): submits every choice to the engine,
     applies stop strings, and frees the decoding rows when the consumer goes away or the request's deadline passes.
 
     batch_s: how long an event may wait for later ones to share its batch. The first batch is the 'start' (or
@@ -141,7 +145,7 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
         for c in choices:
             if c.handle is not None:
                 engine.cancel(c.handle)
-        if isinstance(e, ValueError):  # a setting the engine refuses (the gateway's checks let it through)
+        if isinstance(e, ValueError):  # a setting the engine refuses (the request checks let it through)
             yield [{"event": "error", "status": 400, "message": str(e)}]
         else:
             code = "overloaded" if isinstance(e, EngineOverloaded) else "unavailable"
@@ -272,55 +276,30 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
     yield batch + [end]
 
 
-async def held_until_finish(batches):
-    """The event batches of a request that is not streamed, with each choice's text (and logprobs) held on the model
-    replica and sent in one piece just before its 'finish': the completion then crosses to the gateway in a handful
-    of messages instead of one per token, which on a small machine leaves those cycles to decoding."""
-    held: dict[int, list[dict]] = {}
-    async for batch in batches:
-        out = []
-        for event in batch:
-            if event["event"] == "text":
-                held.setdefault(event["index"], []).append(event)
-                continue
-            if event["event"] == "finish" and event["index"] in held:
-                out.append(_merged(held.pop(event["index"])))
-            out.append(event)
-        if out:
-            yield out
-
-
-def _merged(pieces: list[dict]) -> dict:
-    out = {"event": "text", "index": pieces[0]["index"], "text": "".join(p["text"] for p in pieces)}
-    blocks = [p["logprobs"] for p in pieces if "logprobs" in p]
-    if blocks:
-        out["logprobs"] = merge_logprobs(blocks)
-    return out
-
-
 async def collect_response(batches, cid: str, model: str, n_choices: int, logprobs: bool = False) -> JSONResponse:
     """A whole (non-streamed) OpenAI completion response from the model's event batches."""
     texts: list[list[str]] = [[] for _ in range(n_choices)]
     blocks: list[list[dict]] = [[] for _ in range(n_choices)]
     finish = [{"finish_reason": "length", "stop_reason": None} for _ in range(n_choices)]
-    async for event in _events_of(_guarded(batches)):
-        kind = event["event"]
-        if kind == "text":
-            texts[event["index"]].append(event["text"])
-            if "logprobs" in event:
-                blocks[event["index"]].append(event["logprobs"])
-        elif kind == "finish":
-            finish[event["index"]] = {"finish_reason": event["reason"], "stop_reason": event.get("stop_reason")}
-        elif kind == "error":
-            error = APIError(event["status"], event["message"], code=event.get("code"))
-            return JSONResponse(error.body(), status_code=event["status"])
-        elif kind == "end":
-            choices = [
-                {"text": "".join(t), "logprobs": merge_logprobs(b) if logprobs else None, **f}
-                for t, b, f in zip(texts, blocks, finish)
-            ]
-            extra = {k: event[k] for k in ("early_exit",) if k in event}
-            return JSONResponse(response(cid, model, choices, event["usage"], extra))
+    async with contextlib.aclosing(batches):  # also when the client goes away: the request's rows are freed
+        async for event in _events_of(_guarded(batches)):
+            kind = event["event"]
+            if kind == "text":
+                texts[event["index"]].append(event["text"])
+                if "logprobs" in event:
+                    blocks[event["index"]].append(event["logprobs"])
+            elif kind == "finish":
+                finish[event["index"]] = {"finish_reason": event["reason"], "stop_reason": event.get("stop_reason")}
+            elif kind == "error":
+                error = APIError(event["status"], event["message"], code=event.get("code"))
+                return JSONResponse(error.body(), status_code=event["status"])
+            elif kind == "end":
+                choices = [
+                    {"text": "".join(t), "logprobs": merge_logprobs(b) if logprobs else None, **f}
+                    for t, b, f in zip(texts, blocks, finish)
+                ]
+                extra = {k: event[k] for k in ("early_exit",) if k in event}
+                return JSONResponse(response(cid, model, choices, event["usage"], extra))
     return JSONResponse(APIError(500, "the model stream ended early").body(), status_code=500)
 
 
@@ -359,20 +338,21 @@ async def sse_stream(batches, cid: str, model: str, include_usage: bool):
                 break
         yield "data: [DONE]\n\n"
     finally:
-        # The client disconnected (or we finished): cancelling the stream cancels the replica's generator, whose
-        # cleanup frees the decoding rows at the next token boundary.
-        batches.cancel()
+        # The client disconnected (or we finished): closing the stream runs the request's cleanup, which frees its
+        # decoding rows at the next token boundary.
+        await batches.aclose()
 
 
 async def _guarded(batches):
-    """The model's event batches, with a failure of the model replica mid-stream (it died, Serve is replacing it)
-    turned into an error event, so the client always gets a well-formed answer."""
+    """The model's event batches, with a failure of the serving code mid-stream turned into an error event, so the
+    client always gets a well-formed answer."""
     try:
         async for batch in batches:
             yield batch
-    except Exception as e:  # RayActorError and friends: all the client can do is retry
-        yield [{"event": "error", "status": 503, "code": "unavailable",
-                "message": f"the model replica failed during generation ({type(e).__name__}); retry"}]
+    except Exception as e:
+        log.exception("completion stream failed")
+        yield [{"event": "error", "status": 500, "code": "internal_error",
+                "message": f"generation failed ({type(e).__name__}: {e})"}]
 
 
 async def _events_of(batches):

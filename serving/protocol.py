@@ -28,7 +28,7 @@ class CompletionRequest(BaseModel):
     """POST /v1/completions: OpenAI's legacy completions fields and vLLM's extra sampling fields.
 
     Types are strict: "5" is not a number here (a client bug we report, not guess at). Fields this server does not
-    know are accepted and ignored, as vLLM does (the gateway logs them and names them in X-Ignored-Fields), so
+    know are accepted and ignored, as vLLM does (the server logs them and names them in X-Ignored-Fields), so
     clients written for other servers keep working.
     """
 

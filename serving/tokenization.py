@@ -50,7 +50,7 @@ def context_length(source: str) -> int:
         return read_config(source).block_size
     except (CheckpointError, OSError, TypeError, ValueError, AttributeError):
         # Not a model directory, or a broken config.json: loading the variant will say why, with the variant named,
-        # and answer 503 for it alone; the gateway (and every other variant) must still start.
+        # and answer 503 for it alone; the server (and every other variant) must still start.
         return DEFAULT_CONTEXT
 
 

@@ -372,26 +372,35 @@ def test_ignore_eos_keeps_generating_through_end_of_text():
         e.close()
 
 
-def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece():
+def test_a_request_that_is_not_streamed_gets_each_choice_in_one_piece_and_its_stream_closed():
     import asyncio
+    import json
 
-    from serving.completions import held_until_finish
+    from serving.completions import collect_response
+
+    closed = []
 
     async def events():
-        yield [{"event": "start", "choices": 2}]
-        yield [{"event": "text", "index": 0, "text": "He"}, {"event": "text", "index": 1, "text": "A"}]
-        yield [{"event": "text", "index": 0, "text": "llo"}, {"event": "finish", "index": 0, "reason": "length"}]
-        yield [{"event": "finish", "index": 1, "reason": "stop"}, {"event": "end", "usage": {}}]
+        try:
+            yield [{"event": "start", "choices": 2}]
+            yield [{"event": "text", "index": 0, "text": "He"}, {"event": "text", "index": 1, "text": "A"}]
+            yield [{"event": "text", "index": 0, "text": "llo"}, {"event": "finish", "index": 0, "reason": "length"}]
+            yield [{"event": "finish", "index": 1, "reason": "stop", "stop_reason": "."},
+                   {"event": "end", "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}}]
+            yield [{"event": "text", "index": 0, "text": "never read"}]
+        finally:
+            closed.append(True)
+
+    stream = events()
 
     async def collect():
-        return [e async for batch in held_until_finish(events()) for e in batch]
+        await stream.__anext__()  # the 'start' event, which the server reads before choosing the response's kind
+        return await collect_response(stream, "cmpl-1", "m", 2)
 
-    assert asyncio.run(collect()) == [
-        {"event": "start", "choices": 2},
-        {"event": "text", "index": 0, "text": "Hello"}, {"event": "finish", "index": 0, "reason": "length"},
-        {"event": "text", "index": 1, "text": "A"}, {"event": "finish", "index": 1, "reason": "stop"},
-        {"event": "end", "usage": {}},
-    ]
+    body = json.loads(asyncio.run(collect()).body)
+    assert [(c["text"], c["finish_reason"], c["stop_reason"]) for c in body["choices"]] == [
+        ("Hello", "length", None), ("A", "stop", ".")]
+    assert body["usage"]["completion_tokens"] == 4 and closed == [True]
 
 
 def test_a_request_past_its_deadline_ends_with_length_and_frees_its_rows(model):

@@ -80,8 +80,8 @@ def test_without_the_key_the_api_answers_401(server):
 
 
 def test_the_key_comes_from_the_environment_and_never_shows(monkeypatch):
-    from serving.app import ServerSettings
     from serving.auth import API_KEY_ENV, api_key_from_env
+    from serving.settings import ServerSettings
 
     settings = ServerSettings(variants={"a": "somewhere"}, api_key=KEY)
     assert KEY not in repr(settings) and KEY not in str(settings.model_dump()) and KEY not in settings.model_dump_json()
