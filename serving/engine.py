@@ -270,6 +270,7 @@ class DecodeEngine:
         self._closed = False
         self._died: str | None = None  # why the decoding thread died, once it has
         self._drill: str | None = None  # a fault drill's message: the thread dies at its next turn
+        self._decode_deferred = False  # the last turn prefilled newcomers in place of the decoding rows' step
         self._counters = collections.Counter()
         self._started = time.monotonic()
         self._thread.add(self)
@@ -405,7 +406,14 @@ class DecodeEngine:
                 self._drop_cancelled()
                 if self._prefilling:
                     self._prefill_step()
+                    if self._decoding and not self._decode_deferred and self._can_admit():
+                        # Requests came during that pass: their prefill goes next, before the decoding rows' step
+                        # (once in a row, so decoding never starves). Requests that arrive together, as a closed
+                        # loop's do, then wait for two passes over the weights instead of three.
+                        self._decode_deferred = True
+                        return
                 if self._decoding:
+                    self._decode_deferred = False
                     self._decode_step()
             except Exception as e:  # a failed pass must not leave callers waiting forever
                 log.exception("decoding step of %s failed", self.name)
@@ -413,6 +421,10 @@ class DecodeEngine:
                     self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
         except BaseException as e:  # this engine's decoding dies; its callers must not wait for events never coming
             self._die(e)
+
+    def _can_admit(self) -> bool:
+        with self._wake:
+            return bool(self._pending) and len(self._decoding) + len(self._prefilling) < self.max_batch
 
     def _close_now(self) -> None:
         """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""

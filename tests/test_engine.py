@@ -185,6 +185,50 @@ def test_cancel_frees_the_row(model, engine):
         assert len(c.tokens) < 120 and stats["finished_by_reason"]["cancelled"] == 1
 
 
+def test_a_request_that_arrives_during_a_prefill_is_prefilled_before_the_next_decoding_step(model):
+    """Requests that arrive together (a closed loop's do) wait for two passes over the weights, not three: C, sent
+    while B's prefill pass runs, gets its own prefill before the decoding rows' next step, and then A, B and C
+    decode together. Only once in a row: the step after that decodes."""
+    e = DecodeEngine(model, max_batch=4, max_pending=4)
+    log: list[tuple[str, str]] = []
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+
+    def record(name: str, on_token=None):
+        def on(event) -> None:
+            log.append((name, type(event).__name__))
+            if on_token is not None and isinstance(event, Token):
+                on_token()
+        return on
+
+    try:
+        a_decoding, c_sent, a_tokens = threading.Event(), [], []
+
+        def a_token() -> None:  # A decodes on its own for a few steps before B comes
+            a_tokens.append(1)
+            if len(a_tokens) == 3:
+                a_decoding.set()
+
+        def send_c() -> None:  # on the decoding thread, right after B's prefill pass, before A's next step
+            if not c_sent:
+                c_sent.append(e.submit([3, 4], 4, greedy, record("C")))
+
+        a = e.submit([1, 2], 120, greedy, record("A", a_token))
+        assert a_decoding.wait(30)
+        b = e.submit([5, 6], 4, greedy, record("B", send_c))
+        deadline = time.monotonic() + 30
+        while sum(1 for name, kind in log if name in "BC" and kind == "Finished") < 2:
+            assert time.monotonic() < deadline, log[-10:]
+            time.sleep(0.01)
+        e.cancel(a)
+        after_b = log[log.index(("B", "Token")) + 1:]
+        tokens = [name for name, kind in after_b if kind == "Token"]
+        assert tokens[0] == "C", after_b[:6]  # C's first token, from its prefill, before A's next
+        assert sorted(tokens[1:4]) == ["A", "B", "C"], after_b[:8]  # then one step decodes all three
+        assert b.generated == 4
+    finally:
+        e.close()
+
+
 def test_overload_and_bad_requests(model):
     e = DecodeEngine(model, max_batch=1, max_pending=1)
     try:
