@@ -4,12 +4,14 @@ user runs first run as written, as subprocesses, in a fresh directory with no Ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +117,8 @@ RUN_BY = {
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml   "): "test_pretrain_commands_run",
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"): "test_pretrain_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
+    ("README.md", "python jobs/serve.py   "): "test_the_servers_of_serving_config_yaml_answer",
+    ("docs/serving.md", ".venv/bin/python jobs/serve.py   "): "test_the_servers_of_serving_config_yaml_answer",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", ".venv/bin/python -c"): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
     ("docs/serving.md", "DIR="): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
@@ -125,7 +129,7 @@ RUN_BY = {
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
     ("README.md", "python jobs/prepare_data.py   "),
-    ("README.md", "python jobs/serve.py"),
+    ("README.md", "python jobs/serve.py --variant"),
     ("README.md", "serve run serving/config.yaml"),
     ("README.md", "python jobs/pipeline.py"),
     ("README.md", "export MLFLOW_TRACKING_URI"),
@@ -139,7 +143,6 @@ NOT_YET_RUN = [
     ("README.md", "python jobs/compare.py"),
     ("docs/data.md", ".venv/bin/python jobs/prepare_data.py"),
     ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
-    ("docs/serving.md", ".venv/bin/python jobs/serve.py"),
     ("docs/serving.md", ".venv/bin/serve run"),
 ]
 
@@ -285,10 +288,11 @@ def test_data_preparation_commands_run(tmp_path):
         assert manifest["documents"] == expected, (command.where, manifest["documents"])
 
 
-def test_the_server_answers_the_documented_curls(user_dir):
-    """docs/serving.md's one-checkpoint server, with DIR filled in, on a free port and a Ray instance of its own
-    (`--address local`: in the test session other Ray instances run, which the job would otherwise join); then its two
-    curl checks, aimed at that port. The job stays in the foreground, as the document says, until Ctrl-C."""
+@contextlib.contextmanager
+def _server_in_the_foreground(words: list[str], cwd: Path):
+    """A documented `jobs/serve.py` command, with a free port and a Ray instance of its own appended (`--address
+    local`: in the test session other Ray instances run, which the job would otherwise join), started in `cwd` and
+    left in the foreground as the documents say; yields its base URL once it serves, and stops it with Ctrl-C."""
     import os
     import shlex
     import signal
@@ -297,14 +301,10 @@ def test_the_server_answers_the_documented_curls(user_dir):
 
     from tests.multinode import free_port, stop_group
 
-    [serve] = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if "serve.py" in c.text]
-    curls = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if c.text.startswith("curl")]
-    assert len(curls) == 2
     port = free_port()
-    words = [w.replace("=DIR", "=runs/pretrain/local/final") for w in serve.words()]
     env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen(["bash", "-c", shlex.join([*words, "--port", str(port), "--address", "local"])],
-                              cwd=user_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
@@ -313,22 +313,54 @@ def test_the_server_answers_the_documented_curls(user_dir):
         while not any("web page:" in line for line in lines):
             assert server.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
             time.sleep(0.5)
-        answers = []
-        for curl in curls:
-            text = shlex.join(curl.words()).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-            out = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=120)
-            assert out.returncode == 0, f"{curl.where}: {out.stderr}"
-            answers.append(out.stdout)
-        plain, streamed = answers
-        assert "usage" in json.loads(plain), plain
-        events = [line[len("data: "):] for line in streamed.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 20, streamed[-500:]
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the job removes the application and stops its Ray
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             stop_group(server, timeout=5)
+
+
+def test_the_server_answers_the_documented_curls(user_dir):
+    """docs/serving.md's one-checkpoint server, with DIR filled in; then its two curl checks, aimed at its port."""
+    import os
+    import shlex
+
+    [serve] = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if "serve.py" in c.text]
+    curls = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if c.text.startswith("curl")]
+    assert len(curls) == 2
+    words = [w.replace("=DIR", "=runs/pretrain/local/final") for w in serve.words()]
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with _server_in_the_foreground(words, user_dir) as base:
+        answers = []
+        for curl in curls:
+            text = shlex.join(curl.words()).replace("http://127.0.0.1:8000", base)
+            out = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, f"{curl.where}: {out.stderr}"
+            answers.append(out.stdout)
+    plain, streamed = answers
+    assert "usage" in json.loads(plain), plain
+    events = [line[len("data: "):] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 20, streamed[-500:]
+
+
+def test_the_servers_of_serving_config_yaml_answer(user_dir):
+    """The README's and docs/serving.md's `jobs/serve.py` without options: serving/config.yaml's variants (make
+    demo's model, and its int8 copy). Its relative paths are the project's; the user directory stands in for a
+    checkout where make demo has run, through the job's own --root."""
+    import httpx
+
+    commands = _commands_run_by("test_the_servers_of_serving_config_yaml_answer")
+    assert len(commands) == 2
+    for command in commands:
+        with _server_in_the_foreground([*command.words(), "--root", str(user_dir)], user_dir) as base:
+            models = httpx.get(f"{base}/v1/models", timeout=60).json()
+            assert [m["id"] for m in models["data"]] == ["pretrained", "int8"], (command.where, models)
+            for name in ("pretrained", "int8"):
+                r = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 4},
+                               timeout=120)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, (command.where, r.text)
 
 
 def test_the_recipe_for_a_checkpoint_both_servers_can_load(tmp_path):
