@@ -118,6 +118,10 @@ RUN_BY = {
     ("README.md", "python jobs/pretrain.py --config configs/local.yaml train.max_steps=50"): "test_pretrain_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py --only --variant mine=DIR"): "test_the_server_answers_the_documented_curls",
     ("README.md", "python jobs/serve.py   "): "test_the_servers_of_serving_config_yaml_answer",
+    ("README.md", "python jobs/train_early_exit.py"): "test_early_exit_commands_run",
+    ("README.md", "python jobs/profile_early_exit.py"): "test_early_exit_commands_run",
+    ("README.md", "python jobs/distill.py"): "test_compression_commands_run",
+    ("README.md", "python jobs/compare.py"): "test_compression_commands_run",
     ("docs/serving.md", ".venv/bin/python jobs/serve.py   "): "test_the_servers_of_serving_config_yaml_answer",
     ("docs/serving.md", "curl"): "test_the_server_answers_the_documented_curls",
     ("docs/serving.md", ".venv/bin/python -c"): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
@@ -137,10 +141,6 @@ NOT_YET_RUN = [
     ("README.md", "mlflow models serve"),
     ("README.md", "curl -s 127.0.0.1:5001/invocations"),
     ("README.md", "python jobs/generate.py --model models:/"),
-    ("README.md", "python jobs/train_early_exit.py"),
-    ("README.md", "python jobs/profile_early_exit.py"),
-    ("README.md", "python jobs/distill.py"),
-    ("README.md", "python jobs/compare.py"),
     ("docs/data.md", ".venv/bin/python jobs/prepare_data.py"),
     ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
     ("docs/serving.md", ".venv/bin/serve run"),
@@ -187,7 +187,7 @@ def _make_user_dir(work):
                  "runtime_env.yaml"):
         (work / name).symlink_to(ROOT / name)
     torch.manual_seed(0)
-    model = GPT(preset("tiny"))
+    model = GPT(preset("tiny").replace(n_layer=4))  # four blocks, as the early-exit commands' exit layers need
     for name in ("final", "checkpoint"):
         model.save_pretrained(str(work / "runs/pretrain/local" / name))
     (work / "notes").mkdir()
@@ -272,6 +272,40 @@ def test_finetune_commands_run(user_dir):
                                  f"run.name=docs-{i}")
         assert "--- prompt: 'The data pipeline'" in output, output[-2000:]
         assert ("best learning rate" in output) == ("--search" in command.text)
+
+
+def test_early_exit_commands_run(user_dir):
+    """The exit classifier for make demo's model (here the user directory's four-block one) on one worker, then at
+    block 2 on two workers, on a few short batches; then the profile of the first against its backbone."""
+    commands = _commands_run_by("test_early_exit_commands_run")
+    assert [c.text.split()[1] for c in commands] == ["jobs/train_early_exit.py"] * 2 + ["jobs/profile_early_exit.py"]
+    shorter = ("data.seq_len=32", "data.micro_batch=4", "data.train_batches=4", "data.val_batches=2",
+               "classifier.epochs=2", "scaling.threads_per_worker=1")
+    _run_as_written(commands[0], user_dir, *shorter)
+    _run_as_written(commands[1], user_dir, *shorter, "run.name=docs-two-workers")
+    for name in ("local", "docs-two-workers"):
+        assert (user_dir / f"runs/early-exit/{name}/model/early_exit.json").is_file()
+    output = _run_as_written(commands[2], user_dir, "--seq-len", "32", "--prompt-len", "8", "--decode-steps", "2",
+                             "--repeats", "1", "--decodes", "1", "--new-tokens", "4", "--val-batches", "1")
+    assert "exit" in output.lower(), output[-2000:]
+
+
+def test_compression_commands_run(user_dir):
+    """Distillation on Ray Train (2 workers, 2 short steps), then the comparison table of the base model, the
+    distilled student and a pruned model (NAME: a head analysis run here first, as the README's command before)."""
+    commands = _commands_run_by("test_compression_commands_run")
+    assert [c.text.split()[1] for c in commands] == ["jobs/distill.py", "jobs/compare.py"]
+    distill, compare = commands
+    _run_as_written(distill, user_dir, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2",
+                    "train.total_batch_tokens=128", "train.warmup_steps=1", "eval.val_every=0",
+                    "eval.report_tokens=512", "eval.decode_tokens=4", "checkpoint.every=0")
+    assert (user_dir / "runs/distill/distill-local/final/model.safetensors").is_file()
+    [analyze] = [c for c in COMMANDS if c.document == "README.md" and c.text.startswith("python jobs/analyze_heads.py")]
+    _run_as_written(analyze, user_dir, *SHORTER["python jobs/analyze_heads.py"], "--name", "docs")
+    named = Command(compare.document, compare.line, compare.text.replace("/NAME/", "/docs/"))
+    output = _run_as_written(named, user_dir, "--eval-tokens", "512", "--decode-tokens", "4")
+    for name in ("base", "distilled", "pruned"):
+        assert name in output, output[-2000:]
 
 
 def test_data_preparation_commands_run(tmp_path):
