@@ -104,29 +104,25 @@ def test_the_job_runs_on_a_token_head_named_by_ray_address(job, token_head, user
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()["variants"] == ["tiny"]
 
 
-def test_the_evaluation_job_runs_on_a_token_head(token_head, tiny_model, tmp_path):
+def _evaluate(tiny_model, tmp_path: Path, env: dict[str, str]) -> str:
+    """jobs/evaluate.py's smallest HellaSwag run in `env`; its output."""
     from tests.test_hellaswag import EXAMPLES, write_jsonl
 
     tiny_model.save_pretrained(tmp_path / "model")
     write_jsonl(tmp_path / "hellaswag.jsonl", EXAMPLES)
-    env = {**user_env(), "RAY_ADDRESS": token_head.address}
     argv = [sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", "model", "--hellaswag", "hellaswag.jsonl",
             "--limit", "4", "--actors", "1", "--no-progress"]
     out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "hellaswag" in out.stdout.lower()
+    return out.stdout + out.stderr
+
+
+def test_the_evaluation_job_runs_on_a_token_head(token_head, tiny_model, tmp_path):
+    _evaluate(tiny_model, tmp_path, {**user_env(), "RAY_ADDRESS": token_head.address})
 
 
 def test_the_evaluation_job_finds_the_token_head_on_this_machine(token_head, tiny_model, tmp_path):
     """No RAY_ADDRESS, as in a shell after `make demo`: the job joins the head rather than starting a Ray of its own."""
-    from tests.test_hellaswag import EXAMPLES, write_jsonl
-
-    tiny_model.save_pretrained(tmp_path / "model")
-    write_jsonl(tmp_path / "hellaswag.jsonl", EXAMPLES)
-    env = {**user_env(), "RAY_TMPDIR": token_head.tmpdir}  # where this test's head keeps its address
-    argv = [sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", "model", "--hellaswag", "hellaswag.jsonl",
-            "--limit", "4", "--actors", "1", "--no-progress"]
-    out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "hellaswag" in out.stdout.lower()
-    assert "started a local ray instance" not in (out.stdout + out.stderr).lower()  # Ray says so when it does
+    output = _evaluate(tiny_model, tmp_path, {**user_env(), "RAY_TMPDIR": token_head.tmpdir})  # where the head is
+    assert "started a local ray instance" not in output.lower()  # what Ray prints when it starts one
