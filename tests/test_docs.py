@@ -120,6 +120,8 @@ RUN_BY = {
     ("README.md", "python jobs/serve.py   "): "test_the_servers_of_serving_config_yaml_answer",
     ("README.md", "python jobs/prepare_data.py   "): "test_the_built_in_corpus_commands_run",
     ("docs/data.md", ".venv/bin/python jobs/prepare_data.py "): "test_the_built_in_corpus_commands_run",
+    ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"):
+        "test_the_evaluation_of_a_checkpoint_beside_a_hugging_face_model_runs",
     ("README.md", "python jobs/train_early_exit.py"): "test_early_exit_commands_run",
     ("README.md", "python jobs/profile_early_exit.py"): "test_early_exit_commands_run",
     ("README.md", "python jobs/distill.py"): "test_compression_commands_run",
@@ -142,7 +144,6 @@ NOT_YET_RUN = [
     ("README.md", "mlflow models serve"),
     ("README.md", "curl -s 127.0.0.1:5001/invocations"),
     ("README.md", "python jobs/generate.py --model models:/"),
-    ("docs/evaluation.md", ".venv/bin/python jobs/evaluate.py --model runs/pretrain/local/checkpoint --model"),
     ("docs/serving.md", ".venv/bin/serve run"),
 ]
 
@@ -289,6 +290,26 @@ def test_the_built_in_corpus_commands_run(tmp_path):
         _run_as_written(command, work)
         manifest = read_manifest(work / "data" / "pydocs" / "manifest.json")
         assert manifest["documents"] > 100 and manifest["shards"], (command.where, manifest["documents"])
+
+
+def test_the_evaluation_of_a_checkpoint_beside_a_hugging_face_model_runs(user_dir, tmp_path):
+    """docs/evaluation.md's offline comparison of a checkpoint with a Hugging Face GPT-2 directory, on HellaSwag and
+    WikiText-2; /models/openai-gpt2 is filled in with a small directory that transformers wrote."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    [command] = _commands_run_by("test_the_evaluation_of_a_checkpoint_beside_a_hugging_face_model_runs")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)).eval()
+    hf.save_pretrained(tmp_path / "openai-gpt2")
+    filled = Command(command.document, command.line, command.text.replace("/models/openai-gpt2",
+                                                                          str(tmp_path / "openai-gpt2")))
+    _run_as_written(filled, user_dir, *SHORTER[".venv/bin/python jobs/evaluate.py"], "--stride", "64")
+    results = json.loads((user_dir / "runs/evaluate/compare/results.json").read_text())
+    models = {Path(m["model"]).name: m["metrics"] for m in results["models"]}
+    assert set(models) == {"checkpoint", "openai-gpt2"}, results["models"]
+    for metrics in models.values():  # both scored on the same examples and tokens
+        assert metrics["hellaswag/examples"] == 4 and metrics["text/wiki.test.raw/tokens"] > 0, metrics
 
 
 def test_early_exit_commands_run(user_dir):
