@@ -287,10 +287,11 @@ def test_tokenization_survives_losing_the_node_of_its_tokenizers(cluster, tmp_pa
     from gpt2.tokenizer import EOT_TOKEN, get_tokenizer
 
     words = "river stone cloud lantern orbit meadow copper signal harbor violet".split()
-    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 50)) for i in range(6_000)]
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 50)) for i in range(30_000)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = tmp_path / "shards"
-    # Lost once the first shard is written: the tokenizer actor is at work, and most of the corpus is still to come.
+    # Lost once the first shard is written: the tokenizer actor is at work, and most of the corpus is still to come
+    # (30,000 documents: with 6,000 a fast machine finished the whole job between the first shard and the loss).
     _run_losing_its_node(cluster, "prepare_data.py", [
         "--source", "files", "--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--name", "words",
         "--shard-tokens", "50000", "--val-tokens", "20000", "--tokenizers", "1", "--batch-size", "16"],
