@@ -133,17 +133,17 @@ RUN_BY = {
     ("docs/serving.md", "DATA="): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
     ("docs/serving.md", "cp "): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
     ("docs/serving.md", "cat > "): "test_the_recipe_for_a_checkpoint_both_servers_can_load",
+    ("README.md", "python jobs/serve.py --variant"): "test_the_server_takes_a_checkpoint_and_a_registered_model",
+    ("README.md", "export MLFLOW_TRACKING_URI"): "test_the_model_registry_block_runs",
+    ("README.md", "python - <<'EOF'"): "test_the_model_registry_block_runs",
+    ("README.md", "mlflow models serve"): "test_the_model_registry_block_runs",
+    ("README.md", "curl -s 127.0.0.1:5001/invocations"): "test_the_model_registry_block_runs",
+    ("README.md", "python jobs/generate.py --model models:/"): "test_the_model_registry_block_runs",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
-    ("README.md", "python jobs/serve.py --variant"),
     ("README.md", "serve run serving/config.yaml"),
     ("README.md", "python jobs/pipeline.py"),
-    ("README.md", "export MLFLOW_TRACKING_URI"),
-    ("README.md", "python - <<'EOF'"),
-    ("README.md", "mlflow models serve"),
-    ("README.md", "curl -s 127.0.0.1:5001/invocations"),
-    ("README.md", "python jobs/generate.py --model models:/"),
     ("docs/serving.md", ".venv/bin/serve run"),
 ]
 
@@ -361,7 +361,7 @@ def test_data_preparation_commands_run(tmp_path):
 
 
 @contextlib.contextmanager
-def _server_in_the_foreground(words: list[str], cwd: Path):
+def _server_in_the_foreground(words: list[str], cwd: Path, extra_env: dict[str, str] | None = None):
     """A documented `jobs/serve.py` command, with a free port and a Ray instance of its own appended (`--address
     local`: in the test session other Ray instances run, which the job would otherwise join), started in `cwd` and
     left in the foreground as the documents say; yields its base URL once it serves, and stops it with Ctrl-C."""
@@ -374,7 +374,8 @@ def _server_in_the_foreground(words: list[str], cwd: Path):
     from tests.multinode import free_port, stop_group
 
     port = free_port()
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+           **(extra_env or {})}
     server = subprocess.Popen(["bash", "-c", shlex.join([*words, "--port", str(port), "--address", "local"])],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
@@ -479,3 +480,110 @@ def test_the_recipe_for_a_checkpoint_both_servers_can_load(tmp_path):
     hf = AutoTokenizer.from_pretrained(str(checkpoint))
     assert hf.encode(text) == get_tokenizer().encode(text)
     assert hf.decode(hf.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def local_registry(user_dir, tmp_path_factory):
+    """The registry the README's model-registry block reads, filled the way `make demo`'s jobs fill it: a `mlflow
+    server` of its own with gpt2-local-pretrained and gpt2-local-finetuned (their `champion` alias set at
+    registration), from the user directory's model and a fine-tuned copy. Yields the server's URI and the
+    fine-tuned model's directory."""
+    import torch
+
+    from cluster.runtime.local_services import free_port, start_local_server, stop_server
+    from cluster.runtime.tracking import RunLogger
+    from gpt2 import GPT
+
+    root = tmp_path_factory.mktemp("local-registry")
+    uri = f"http://127.0.0.1:{free_port()}"
+    server = start_local_server(root / "mlflow", uri)
+    try:
+        model = GPT.from_pretrained(str(user_dir / "runs/pretrain/local/final"))
+        with torch.no_grad():  # a fine-tune: other weights, so the two registered models differ
+            model.transformer.wte.weight.mul_(1.5)
+        model.save_pretrained(str(root / "finetuned"))
+        for kind, source in (("pretrained", user_dir / "runs/pretrain/local/final"), ("finetuned", root / "finetuned")):
+            logger = RunLogger(root / kind, experiment="docs", run_name="local", uri=uri)
+            logger.log_metrics({"val_loss": 3.0}, step=1)
+            assert logger.log_model(source, kind) == f"models:/gpt2-local-{kind}/1"
+            logger.close()
+        yield {"uri": uri, "finetuned": root / "finetuned"}
+    finally:
+        stop_server(server.pid)
+
+
+def _generated(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    """The greedy continuation that the project's own generation gives: what every path to a model must give."""
+    from gpt2 import GPT, get_tokenizer
+    from gpt2.generate import generate
+
+    enc = get_tokenizer()
+    model = GPT.from_pretrained(str(model_dir)).eval()
+    return enc.decode(generate(model, [enc.encode_ordinary(prompt)], max_tokens, temperature=0)[0])
+
+
+def test_the_model_registry_block_runs(user_dir, local_registry):
+    """The README's model-registry block, run as one shell script in the user directory, with the tracking URI
+    and the ports filled in: the pyfunc load and predict, `mlflow models serve` (started in the background, as a
+    second terminal would hold it) and the curl to it, and generation from the fine-tuned model's alias (greedy
+    and shorter, through its own options, so that its text is known)."""
+    import os
+
+    from cluster.runtime.local_services import free_port
+
+    commands = _commands_run_by("test_the_model_registry_block_runs")
+    assert [c.text.split()[0] for c in commands] == ["export", "python", "mlflow", "curl", "python"]
+    lines = (ROOT / "README.md").read_text().splitlines()
+    first, end = commands[0].line - 1, commands[-1].line
+    assert lines[end].strip() == "```", "the block goes on after its last command"
+    port = str(free_port())
+    script = [line.replace("http://127.0.0.1:5000", local_registry["uri"]).replace("5001", port)
+              for line in lines[first:end]]
+    serve = next(i for i, line in enumerate(script) if line.startswith("mlflow models serve"))
+    # The server in the background, stopped when the script ends; the curl waits until it answers.
+    script[serve] += (f" > {user_dir}/mlflow-models-serve.log 2>&1 &\nSERVER=$!\ntrap 'kill $SERVER' EXIT\n"
+                      f"for i in $(seq 300); do curl -sf 127.0.0.1:{port}/ping >/dev/null && break; sleep 1; done")
+    script[-1] += " --max-tokens 8 --temperature 0 --dtype float32"
+    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the block's export is what sets it
+    out = subprocess.run(["bash", "-e", "-c", "\n".join(script)], cwd=user_dir, env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = user_dir / "mlflow-models-serve.log"
+    assert out.returncode == 0, (out.stdout[-2000:] + out.stderr[-3000:]
+                                 + (log.read_text()[-2000:] if log.exists() else ""))
+    # 1. predict: a list of one continuation (sampled at temperature 0.8: only its shape is known)
+    assert re.search(r"^\[(['\"]).*\1\]$", out.stdout, flags=re.M), out.stdout[-2000:]
+    # 2. the curl (no newline after its JSON): mlflow models serve's greedy continuation, the project's own
+    at = out.stdout.index('{"predictions"')
+    invocations, _ = json.JSONDecoder().raw_decode(out.stdout, at)
+    assert invocations == {"predictions": [_generated(user_dir / "runs/pretrain/local/final", "Once upon a time", 20)]}
+    # 3. generate.py from the fine-tuned model's alias: that model's text, not the pretrained one's
+    prompt = "The Python standard library"
+    sample = out.stdout[out.stdout.index("--- sample 1"):]
+    assert sample == f"--- sample 1\n{prompt}{_generated(local_registry['finetuned'], prompt, 8)}\n"
+
+
+def test_the_server_takes_a_checkpoint_and_a_registered_model(user_dir, local_registry):
+    """The README's `jobs/serve.py` with a checkpoint variant and a registry alias variant (runs/pretrain/x/final
+    filled in with a copy of the model registered as gpt2-local-pretrained), MLFLOW_TRACKING_URI naming the
+    registry: both variants are served beside serving/config.yaml's, and give the same greedy text."""
+    import shutil
+
+    import httpx
+
+    [command] = _commands_run_by("test_the_server_takes_a_checkpoint_and_a_registered_model")
+    mine = user_dir / "runs/pretrain/x/final"
+    if not mine.exists():
+        shutil.copytree(user_dir / "runs/pretrain/local/final", mine)
+    registry = {"MLFLOW_TRACKING_URI": local_registry["uri"]}
+    with _server_in_the_foreground(command.words(), user_dir, registry) as base:
+        models = httpx.get(f"{base}/v1/models", timeout=60).json()
+        # added to serving/config.yaml's variants (the user directory holds the model they name)
+        assert sorted(m["id"] for m in models["data"]) == ["int8", "mine", "pretrained", "reg"], models
+        texts = {}
+        for name in ("mine", "reg"):
+            r = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 6,
+                                                              "temperature": 0}, timeout=120)
+            assert r.status_code == 200, (name, r.text)
+            texts[name] = r.json()["choices"][0]["text"]
+    assert texts["mine"] == texts["reg"] and texts["mine"], texts
