@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,12 +140,12 @@ RUN_BY = {
     ("README.md", "mlflow models serve"): "test_the_model_registry_block_runs",
     ("README.md", "curl -s 127.0.0.1:5001/invocations"): "test_the_model_registry_block_runs",
     ("README.md", "python jobs/generate.py --model models:/"): "test_the_model_registry_block_runs",
+    ("README.md", "serve run serving/config.yaml"): "test_serve_run_serves_serving_config_yaml",
+    ("docs/serving.md", ".venv/bin/serve run"): "test_serve_run_serves_serving_config_yaml",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
 NOT_YET_RUN = [
-    ("README.md", "serve run serving/config.yaml"),
     ("README.md", "python jobs/pipeline.py"),
-    ("docs/serving.md", ".venv/bin/serve run"),
 ]
 
 
@@ -216,11 +217,10 @@ def user_dir(tmp_path_factory):
 
 def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600) -> str:
     """The command through bash, as a user's shell runs it (comments dropped, `appended` options added); its output."""
-    import os
     import shlex
 
     text = shlex.join([*command.words(), *appended])
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _shell_env()
     out = subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command.where}: {text}\n{out.stdout[-2000:]}{out.stderr[-4000:]}"
     return out.stdout + out.stderr
@@ -361,50 +361,61 @@ def test_data_preparation_commands_run(tmp_path):
 
 
 @contextlib.contextmanager
-def _server_in_the_foreground(words: list[str], cwd: Path, extra_env: dict[str, str] | None = None):
-    """A documented `jobs/serve.py` command, with a free port and a Ray instance of its own appended (`--address
-    local`: in the test session other Ray instances run, which the job would otherwise join), started in `cwd` and
-    left in the foreground as the documents say; yields its base URL once it serves, and stops it with Ctrl-C."""
-    import os
+def _in_the_foreground(words: list[str], cwd: Path, env: dict[str, str], ready):
+    """A documented command left running in the foreground, as the documents say, in `cwd`: yields once
+    `ready(output lines)` holds, then stops it with Ctrl-C (its whole process group, as a terminal would)."""
     import shlex
     import signal
     import threading
     import time
 
-    from tests.multinode import free_port, stop_group
+    from tests.multinode import stop_group
 
-    port = free_port()
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-           **(extra_env or {})}
-    server = subprocess.Popen(["bash", "-c", shlex.join([*words, "--port", str(port), "--address", "local"])],
-                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    server = subprocess.Popen(["bash", "-c", shlex.join(words)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
     try:
         deadline = time.monotonic() + 300
-        while not any("web page:" in line for line in lines):
+        while not ready(lines):
             assert server.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        yield lines
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the job removes the application and stops its Ray
+        os.killpg(server.pid, signal.SIGINT)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             stop_group(server, timeout=5)
 
 
+def _shell_env(**extra: str) -> dict[str, str]:
+    """A user's shell with the virtualenv first on PATH, as after `source .venv/bin/activate`."""
+    return {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+@contextlib.contextmanager
+def _server_in_the_foreground(words: list[str], cwd: Path, extra_env: dict[str, str] | None = None):
+    """A documented `jobs/serve.py` command, with a free port and a Ray instance of its own appended (`--address
+    local`: in the test session other Ray instances run, which the job would otherwise join); yields its base URL
+    once it serves. Ctrl-C makes the job remove the application and stop its Ray."""
+    from tests.multinode import free_port
+
+    port = free_port()
+    with _in_the_foreground([*words, "--port", str(port), "--address", "local"], cwd, _shell_env(**(extra_env or {})),
+                            lambda lines: any("web page:" in line for line in lines)):
+        yield f"http://127.0.0.1:{port}"
+
+
 def test_the_server_answers_the_documented_curls(user_dir):
     """docs/serving.md's one-checkpoint server, with DIR filled in; then its two curl checks, aimed at its port."""
-    import os
     import shlex
 
     [serve] = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if "serve.py" in c.text]
     curls = [c for c in _commands_run_by("test_the_server_answers_the_documented_curls") if c.text.startswith("curl")]
     assert len(curls) == 2
     words = [w.replace("=DIR", "=runs/pretrain/local/final") for w in serve.words()]
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _shell_env()
     with _server_in_the_foreground(words, user_dir) as base:
         answers = []
         for curl in curls:
@@ -441,7 +452,6 @@ def test_the_recipe_for_a_checkpoint_both_servers_can_load(tmp_path):
     gives an older checkpoint the tokenizer files vLLM and transformers read, run as one shell script with DIR
     filled in, on that checkpoint with those files removed. The recipe must give back the files save_pretrained
     writes, and transformers' tokenizer must then encode as the project's does."""
-    import os
 
     from transformers import AutoTokenizer
 
@@ -469,7 +479,7 @@ def test_the_recipe_for_a_checkpoint_both_servers_can_load(tmp_path):
         end += 1
     script = "\n".join(lines[first:end])
     script = re.sub(r"^DIR=\S+", f"DIR={checkpoint}", script, count=1)
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _shell_env()
     out = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -527,7 +537,6 @@ def test_the_model_registry_block_runs(user_dir, local_registry):
     and the ports filled in: the pyfunc load and predict, `mlflow models serve` (started in the background, as a
     second terminal would hold it) and the curl to it, and generation from the fine-tuned model's alias (greedy
     and shorter, through its own options, so that its text is known)."""
-    import os
 
     from cluster.runtime.local_services import free_port
 
@@ -544,7 +553,7 @@ def test_the_model_registry_block_runs(user_dir, local_registry):
     script[serve] += (f" > {user_dir}/mlflow-models-serve.log 2>&1 &\nSERVER=$!\ntrap 'kill $SERVER' EXIT\n"
                       f"for i in $(seq 300); do curl -sf 127.0.0.1:{port}/ping >/dev/null && break; sleep 1; done")
     script[-1] += " --max-tokens 8 --temperature 0 --dtype float32"
-    env = {**user_env(), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _shell_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the block's export is what sets it
     out = subprocess.run(["bash", "-e", "-c", "\n".join(script)], cwd=user_dir, env=env, capture_output=True,
                          text=True, timeout=600)
@@ -587,3 +596,55 @@ def test_the_server_takes_a_checkpoint_and_a_registered_model(user_dir, local_re
             assert r.status_code == 200, (name, r.text)
             texts[name] = r.json()["choices"][0]["text"]
     assert texts["mine"] == texts["reg"] and texts["mine"], texts
+
+
+def test_serve_run_serves_serving_config_yaml(tmp_path):
+    """Ray's own `serve run serving/config.yaml`, as the README and docs/serving.md write it, in a checkout where
+    make demo's model is in place: a copy of this one's code (the config's variant paths are relative to the
+    checkout that holds serving/) with a model at runs/pretrain/local/final, and the config's port 8000 changed to a
+    free one there, as a user whose port 8000 is taken would do. Ray's temp dir is the test's, so `serve run` starts
+    a Ray of its own whatever else runs on the machine. Both variants answer; Ctrl-C removes the application."""
+    import shutil
+    import tempfile
+
+    import httpx
+    import torch
+
+    from gpt2 import GPT, preset
+    from tests.multinode import free_port
+
+    commands = _commands_run_by("test_serve_run_serves_serving_config_yaml")
+    assert [c.words() for c in commands] == [["serve", "run", "serving/config.yaml"],
+                                             [".venv/bin/serve", "run", "serving/config.yaml"]]
+    checkout = tmp_path / "checkout"
+    for name in ("gpt2", "cluster", "serving", "configs"):
+        shutil.copytree(ROOT / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / ".venv").symlink_to(ROOT / ".venv")
+    torch.manual_seed(0)
+    GPT(preset("tiny")).save_pretrained(str(checkout / "runs/pretrain/local/final"))
+    port = free_port()
+    config = checkout / "serving/config.yaml"
+    config.write_text(config.read_text().replace("port: 8000", f"port: {port}", 1))
+    base = f"http://127.0.0.1:{port}"
+
+    def serving(_lines) -> bool:
+        try:
+            return httpx.get(f"{base}/v1/models", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    for command in commands:
+        ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short: Ray's socket paths live under it
+        env = _shell_env(PYTHONPATH=str(checkout), RAY_TMPDIR=ray_tmp)
+        try:
+            with _in_the_foreground(command.words(), checkout, env, serving) as lines:
+                models = httpx.get(f"{base}/v1/models", timeout=30).json()
+                assert [m["id"] for m in models["data"]] == ["pretrained", "int8"], (command.where, models)
+                for name in ("pretrained", "int8"):
+                    r = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 4},
+                                   timeout=120)
+                    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, (command.where,
+                                                                                                  r.text)
+            assert not serving(lines), f"{command.where}: still serving after Ctrl-C"
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -94,3 +94,43 @@ def test_crop_prompt_keeps_the_last_tokens(tiny_model):
     a = tiny_model.generate([long], 8, temperature=0, crop_prompt=True, stop_at_eot=False)
     b = tiny_model.generate([long[-120:]], 8, temperature=0, stop_at_eot=False)
     assert a == b
+
+
+def _variants():
+    from gpt2.prune import prune_heads
+    from gpt2.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    pre, post = GPT(preset("tiny")).eval(), GPT(preset("tiny").replace(norm="post")).eval()
+    return {"pre-LN": pre, "post-LN": post, "pruned": prune_heads(pre, {0: [1]}), "int8": quantize_int8(pre)}
+
+
+@pytest.mark.parametrize("name", ["pre-LN", "post-LN", "pruned", "int8"])
+def test_one_pass_over_decoding_and_prefilling_rows_equals_a_pass_for_each(name):
+    """forward_parts: rows 0-1 decode one token while rows 2-3 prefill prompts of different lengths (left-padded,
+    ragged), in one pass; each part's logits and cache are those of its own pass."""
+    model = _variants()[name]
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]
+    caches = [model.new_kv_cache(4, 32) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:  # rows 0-1 hold their prompts
+            model(torch.tensor([prompts[0], [EOT_TOKEN] + prompts[1]]),
+                  kv_cache=cache.rows(0, 2, new_tokens=torch.tensor([3, 2])), last_only=True)
+        feed = torch.tensor([[20], [21]])  # (2, 1) one token each
+        padded = torch.tensor([prompts[2], [EOT_TOKEN] * 4 + prompts[3]])  # (2, 5) left-padded
+        ragged = lambda c: c.rows(2, 4, new_tokens=torch.tensor([5, 1]))  # noqa: E731
+        separate = [model(feed, kv_cache=caches[0].rows(0, 2), last_only=True)[0],
+                    model(padded, kv_cache=ragged(caches[0]))[0]]
+        together = model.forward_parts([(feed, caches[1].rows(0, 2)), (padded, ragged(caches[1]))])
+    assert [t.shape for t in together] == [s.shape for s in separate] == [(2, 1, 50257), (2, 5, 50257)]
+    # int8 quantizes each call's activations with one scale for all of that call's tokens
+    tol = 5e-2 if name == "int8" else 1e-4
+    for s, t in zip(separate, together):
+        assert torch.allclose(s[:, -1], t[:, -1], atol=tol, rtol=tol), (s[:, -1] - t[:, -1]).abs().max()
+    assert torch.equal(caches[0].lengths, caches[1].lengths) and caches[1].lengths.tolist() == [4, 3, 5, 1]
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert torch.allclose(a[:, :, :5], b[:, :, :5], atol=tol, rtol=tol)
+    with torch.no_grad():
+        last = model.forward_parts([(torch.tensor([[1], [2]]), caches[1].rows(0, 2)),
+                                    (torch.tensor([[3], [4]]), caches[1].rows(2, 4))], last_only=True)
+    assert [t.shape for t in last] == [(2, 1, 50257)] * 2
