@@ -41,37 +41,51 @@ def calibrate(
     full model's), agreement_exited (the same over exited positions, None when none exited), perplexity of the
     early-exit predictions, perplexity_full (the full model's, the same for every tau), mean_blocks per token.
     Positions whose target is -100 are left out of every figure.
-    The backbone and classifier run once per batch; only the deeper blocks run again per tau. Statistics counters
-    are left alone.
+    The backbone, the classifier and the LM head on every position run once per batch; per tau, only the positions
+    that go deeper after an exited one in their row are computed again. Statistics counters are left alone.
     """
     taus = [float(t) for t in taus]
     totals = {tau: {"exited": 0, "agree": 0, "agree_exited": 0, "nll": []} for tau in taus}
     n_tokens, full_nll = 0, []
     device = model.transformer.wte.weight.device
 
-    def nll(logits: torch.Tensor, y: torch.Tensor) -> float:
-        return float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+    def nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
 
+    vocab = model.config.vocab_size
     with frozen(model):
         for batch in token_batches:
             x, y = (t.to(device) for t in _inputs_and_targets(batch))
             valid = y != IGNORE_INDEX  # (B, T): masked targets (the shard loader's -100) count nowhere
             h = model._lower(x, None)
             normed, exit_logits, score = model._exit_scores(h)
-            full = model._upper(h, normed, exit_logits, torch.zeros_like(valid), None, False)
-            full_pred = full.argmax(-1)
+            # An exited position's logits are the exit head's whatever tau is. A position that goes deeper has the
+            # full model's logits unless an earlier position of its row exited (deeper layers attend to that one's
+            # held state): only those are computed per tau, through the deeper blocks and the LM head.
+            if exit_logits is None:
+                exit_logits = model.base.lm_head(normed)[..., :vocab]  # (B, T, V)
+            exit_pred, exit_nll = exit_logits.argmax(-1), nll(exit_logits.flatten(0, 1), y.flatten()).view_as(y)
+            full = model.base.lm_head(model.base.transformer.ln_f(model._deeper(h, torch.zeros_like(valid), None)))
+            full = full[..., :vocab]  # (B, T, V)
+            full_pred, full_token_nll = full.argmax(-1), nll(full.flatten(0, 1), y.flatten()).view_as(y)
             n_tokens += int(valid.sum())
-            full_nll.append(nll(full, y))
+            full_nll.append(float(full_token_nll.sum()))
             for tau in taus:
                 exited = score >= tau
-                logits = model._upper(h, normed, exit_logits, exited, None, False)
-                agree = (logits.argmax(-1) == full_pred) & valid
+                pred = torch.where(exited, exit_pred, full_pred)
+                token_nll = torch.where(exited, exit_nll, full_token_nll)
+                changed = ~exited & (exited.cumsum(dim=1) > 0)  # (B, T) deeper, after an exited position
+                if changed.any():
+                    final = model.base.transformer.ln_f(model._deeper(h, exited, None)[changed])  # (N, C)
+                    logits = model.base.lm_head(final)[..., :vocab]  # (N, V)
+                    pred[changed], token_nll[changed] = logits.argmax(-1), nll(logits, y[changed])
+                agree = (pred == full_pred) & valid
                 exited &= valid
                 total = totals[tau]
                 total["exited"] += int(exited.sum())
                 total["agree"] += int(agree.sum())
                 total["agree_exited"] += int((agree & exited).sum())
-                total["nll"].append(nll(logits, y))
+                total["nll"].append(float(token_nll.sum()))
     if n_tokens == 0:
         raise ValueError("calibrate needs at least one token batch with a target that is not -100")
     rows = []

@@ -309,14 +309,8 @@ class EarlyExitGPT(nn.Module):
         if running.numel():
             x = h if everyone else h.index_select(0, running)  # (R, T, C)
             held = exited if everyone else exited.index_select(0, running)  # (R, T)
-            hold = bool(held.any())
-            start = x
             cache = kv_cache if kv_cache is None or everyone else _RowSubsetCache(kv_cache, running)
-            for layer in range(self.exit_layer, self.config.n_layer):
-                x = t.h[layer](x, cache, layer)
-                if hold:  # exited positions keep h_k at every depth
-                    x = torch.where(held[..., None], start, x)
-            deep = x
+            deep = self._deeper(x, held, cache)
         if kv_cache is not None and not everyone:
             stopped = exited.all(dim=1).nonzero().squeeze(1)
             held_state = h if running.numel() == 0 else h.index_select(0, stopped)  # (R', T, C)
@@ -333,6 +327,18 @@ class EarlyExitGPT(nn.Module):
         if final is not None:
             base_out = self._merge(base_out, final, running, everyone, out_exited)
         return self.base.lm_head(base_out)[..., :vocab]
+
+    def _deeper(self, x: torch.Tensor, held: torch.Tensor, cache) -> torch.Tensor:
+        """Blocks exit_layer.. on x (R, T, C) = h_k; the `held` (R, T) positions keep h_k at every depth (they exited:
+        deeper layers attend to their held state). The last block's output (R, T, C)."""
+        t = self.base.transformer
+        hold = bool(held.any())
+        start = x
+        for layer in range(self.exit_layer, self.config.n_layer):
+            x = t.h[layer](x, cache, layer)
+            if hold:
+                x = torch.where(held[..., None], start, x)
+        return x
 
     @staticmethod
     def _merge(
