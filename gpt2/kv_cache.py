@@ -147,18 +147,3 @@ class KVCache:
     def end(self, T: int) -> None:
         self.lengths += T if self._new_tokens is None else self._new_tokens
         self._positions, self._mask, self._new_tokens = None, None, None
-
-
-class CacheParts:
-    """Several blocks of cache rows that one forward pass serves together (GPT.forward_parts): part i's token rows
-    (B_i, T_i) lie packed one part after another in the pass's (1, N, C) activations, N = sum of B_i × T_i, and part
-    i continues cache view i. Linear layers see the packed tokens, so each weight is read once for the whole pass;
-    attention runs part by part, so rows that decode one token are not padded to a prompt's width."""
-
-    def __init__(self, shapes: Sequence[tuple[int, int]], caches: Sequence[KVCache]) -> None:
-        self.shapes, self.caches = list(shapes), list(caches)
-
-    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The packed (1, N, D) activations as each part's (B_i, T_i, D)."""
-        sizes = [B * T for B, T in self.shapes]
-        return [p.view(B, T, -1) for p, (B, T) in zip(x[0].split(sizes), self.shapes)]

@@ -7,14 +7,13 @@ weights is a short mapping (see checkpoint.py). Shapes: B batch, T time, C n_emb
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.config import IGNORE_INDEX, GPTConfig
-from gpt2.kv_cache import CacheParts, KVCache
+from gpt2.kv_cache import KVCache
 from gpt2.lm_head_loss import lm_head_loss
 
 
@@ -31,19 +30,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | CacheParts | None = None, layer: int = 0) -> torch.Tensor:
-        qkv = self.c_attn(x)  # (B, T, 3 * nh * hs)
-        if isinstance(cache, CacheParts):  # packed parts (1, N, ...): attention part by part
-            ys = [self._attend(part, c, layer) for part, c in zip(cache.split(qkv), cache.caches)]
-            y = torch.cat([part.flatten(0, 1) for part in ys])[None]  # (1, N, nh * hs)
-        else:
-            y = self._attend(qkv, cache, layer)
-        return self.resid_dropout(self.c_proj(y))
-
-    def _attend(self, qkv: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, _ = qkv.shape
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
         width = self.n_head * self.head_dim
-        q, k, v = qkv.split(width, dim=2)
+        q, k, v = self.c_attn(x).split(width, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -53,7 +43,8 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v, mask = cache.update(layer, k, v)  # (B, nh, L, hs), mask (B, 1, T, L)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
-        return y.transpose(1, 2).contiguous().view(B, T, width)  # (B, T, nh * hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, width)  # (B, T, nh * hs)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -78,7 +69,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | CacheParts | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: normalise each sub-layer's input, keep the residual stream un-normalised
             x = x + self.attn(self.ln_1(x), cache, layer)
             return x + self.mlp(self.ln_2(x))
@@ -172,36 +163,6 @@ class GPT(nn.Module):
         if output_hidden_states:
             return logits, loss, hidden
         return logits, loss
-
-    @torch.no_grad()
-    def forward_parts(
-        self, parts: Sequence[tuple[torch.Tensor, KVCache]], *, last_only: bool = False
-    ) -> list[torch.Tensor]:
-        """Logits for several blocks of cache rows in one pass over the weights, for inference: each part is token
-        rows (B_i, T_i) and the cache view they continue (a ragged one for left-padded prompts), e.g. the rows that
-        decode one token and the rows whose prompts are being prefilled. Every linear layer, the LM head included,
-        runs once on all parts' tokens packed together (see CacheParts); on a device whose decoding is bound by
-        reading the weights, a prefill then costs the decoding rows' step almost nothing. Returns each part's
-        logits (B_i, T_i, V), or (B_i, 1, V) with last_only."""
-        shapes = [tuple(idx.shape) for idx, _ in parts]
-        layout = CacheParts(shapes, [cache for _, cache in parts])
-        embedded = []
-        for idx, cache in parts:
-            pos = cache.begin(idx.shape[1])  # (B_i, T_i)
-            if int(pos.max()) >= self.config.block_size:
-                raise ValueError(f"position {int(pos.max())} is beyond the context of {self.config.block_size}")
-            embedded.append((self.transformer.wte(idx) + self.transformer.wpe(pos)).flatten(0, 1))
-        x = torch.cat(embedded)[None]  # (1, N, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layout, layer)
-        for (_, T), cache in zip(shapes, layout.caches):
-            cache.end(T)
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = torch.cat([part[:, -1] for part in layout.split(x)])[None]  # (1, sum B_i, C)
-            layout = CacheParts([(B, 1) for B, _ in shapes], layout.caches)
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (1, N or sum B_i, V)
-        return layout.split(logits)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache sized for this model, in the dtype and on the device of its weights."""

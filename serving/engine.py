@@ -1,14 +1,12 @@
 """Continuous batching: concurrent requests to one model decoded together over one KV cache.
 
 Decoding a 124M model at batch 1 is bound by memory bandwidth (every token reads all the weights), so one forward
-pass over 16 rows costs little more than over 1. The engine keeps a fixed set of cache rows; each turn it
+pass over 16 rows costs little more than over 1. The engine keeps a fixed set of cache rows; each step it
 1. admits waiting requests into free rows,
-2. makes one pass over the weights that both decodes one token for every row whose prompt is in and prefills the next
-   chunk of the prompts that are waiting: they go in left-padded among themselves (gpt2.kv_cache's ragged passes),
-   and a long prompt is cut into chunks so that no pass holds more than `prefill_tokens` prompt slots: decoding rows
-   wait for one chunk, never for a whole long prompt. The linear layers run on both parts' tokens packed together
-   and attention part by part (GPT.forward_parts), so a newcomer's prefill rides on the decoding rows' step
-   instead of costing a pass of its own; an early-exit model takes the two parts in two passes.
+2. prefills prompts: every prompt that is waiting goes into one left-padded pass (gpt2.kv_cache's ragged passes), and
+   a long prompt is cut into chunks so that no pass holds more than `prefill_tokens` token slots: decoding rows wait
+   for one chunk, never for a whole long prompt,
+3. decodes one token for every row whose prompt is in, in one pass, including the rows whose prompt just finished.
 Rows are kept packed: decoding rows first, then the rows being prefilled, so each pass runs on a contiguous block of
 cache rows with no idle rows in it; a finishing row's place is taken by the last row of its block (its cache row is
 copied, a few hundred kB).
@@ -36,7 +34,6 @@ import torch
 
 from gpt2.config import EOT_TOKEN
 from gpt2.generate import check_prompt
-from gpt2.kv_cache import KVCache
 from gpt2.protocols import ExitingModel, LanguageModel
 from gpt2.sampling import MAX_TOP_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
 
@@ -117,17 +114,6 @@ class Request:
     @property
     def generated(self) -> int:
         return self.sampling.generated if self.sampling else 0
-
-
-@dataclass
-class _Chunk:
-    """The prefilling rows' part of a pass: `counts[r]` new prompt tokens of `rows[r]`, left-padded in `idx`."""
-
-    rows: list[Request]
-    counts: list[int]
-    idx: torch.Tensor  # (R, W)
-    cache: KVCache  # the rows' cache view, ragged
-    scoring: bool  # some row wants its prompt's log-probabilities: every position's logits are needed
 
 
 class DecodingThread:
@@ -284,6 +270,7 @@ class DecodeEngine:
         self._closed = False
         self._died: str | None = None  # why the decoding thread died, once it has
         self._drill: str | None = None  # a fault drill's message: the thread dies at its next turn
+        self._decode_deferred = False  # the last turn prefilled newcomers in place of the decoding rows' step
         self._counters = collections.Counter()
         self._started = time.monotonic()
         self._thread.add(self)
@@ -372,8 +359,7 @@ class DecodeEngine:
             "tokens_generated": c["tokens"],
             "decode_steps": c["steps"],
             "mean_batch": c["step_rows"] / c["steps"] if c["steps"] else 0.0,
-            "passes": c["passes"],  # over the weights: a decoding step, a prefill chunk, or both at once
-            "prefill_passes": c["prefill_passes"],  # prefill chunks, alone or with a decoding step
+            "prefill_passes": c["prefill_passes"],
             "prompt_tokens": c["prompt_tokens"],
             "uptime_s": time.monotonic() - self._started,
         }
@@ -418,14 +404,27 @@ class DecodeEngine:
                         self._emit(request, Finished("error", f"{type(e).__name__}: {e}"))
             try:
                 self._drop_cancelled()
-                if self._decoding or self._prefilling:
-                    self._pass()
+                if self._prefilling:
+                    self._prefill_step()
+                    if self._decoding and not self._decode_deferred and self._can_admit():
+                        # Requests came during that pass: their prefill goes next, before the decoding rows' step
+                        # (once in a row, so decoding never starves). Requests that arrive together, as a closed
+                        # loop's do, then wait for two passes over the weights instead of three.
+                        self._decode_deferred = True
+                        return
+                if self._decoding:
+                    self._decode_deferred = False
+                    self._decode_step()
             except Exception as e:  # a failed pass must not leave callers waiting forever
                 log.exception("decoding step of %s failed", self.name)
                 for request in [*self._decoding, *self._prefilling]:
                     self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
         except BaseException as e:  # this engine's decoding dies; its callers must not wait for events never coming
             self._die(e)
+
+    def _can_admit(self) -> bool:
+        with self._wake:
+            return bool(self._pending) and len(self._decoding) + len(self._prefilling) < self.max_batch
 
     def _close_now(self) -> None:
         """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""
@@ -466,37 +465,9 @@ class DecodeEngine:
         for request in [r for r in (*self._decoding, *self._prefilling) if r.cancelled]:
             self._finish(request, Finished("cancelled"))
 
-    def _pass(self) -> None:
-        """One pass over the weights: the next prefill chunk of the prefilling rows, if any, and one token for every
-        decoding row. A plain model (a GPT or a quantized, packed or pruned copy) takes both in one forward_parts
-        call, so a newcomer's prompt costs the decoding rows almost nothing on a device bound by reading weights and
-        is decoding after the next pass; an early-exit model, whose rows leave at different layers, takes two."""
-        chunk = self._prefill_chunk() if self._prefilling else None
-        rows = list(self._decoding)
-        feed = torch.tensor([[r.next_token] for r in rows], device=self._device) if rows else None  # (B, 1)
-        # Each part's (logits, exit decisions or None)
-        if chunk is not None and rows and self._exiting is None:
-            decode_logits, prefill_logits = self.model.forward_parts(
-                [(feed, self._cache.rows(0, len(rows))), (chunk.idx, chunk.cache)], last_only=not chunk.scoring
-            )
-            decoded, prefilled = (decode_logits, None), (prefill_logits, None)
-            self._counters["passes"] += 1
-        else:
-            prefilled = self._forward(chunk.idx, chunk.cache, chunk.rows, not chunk.scoring) if chunk else None
-            decoded = self._forward(feed, self._cache.rows(0, len(rows)), rows, last_only=True) if rows else None
-            self._counters["passes"] += (chunk is not None) + bool(rows)
-        if decoded is not None:  # the decoding rows first: finishing ones free rows, which moves prefilling ones
-            self._counters["steps"] += 1
-            self._counters["step_rows"] += len(rows)
-            logits, exited = decoded  # (B, 1, V)
-            flags = exited[:, -1].tolist() if exited is not None else [None] * len(rows)
-            self._sample_and_accept(rows, logits[:, -1], flags)
-        if chunk is not None:
-            self._after_prefill(chunk, *prefilled)
-
-    def _prefill_chunk(self) -> _Chunk:
-        """The left-padded next chunk of the first prefilling rows (at most prefill_tokens slots)."""
-        # The chunk is rows × width slots: the width is the longest remaining prompt (capped), and as many of the
+    def _prefill_step(self) -> None:
+        """One left-padded pass over the next chunk of the first prefilling rows (at most prefill_tokens slots)."""
+        # The pass is rows × width slots: the width is the longest remaining prompt (capped), and as many of the
         # first rows as fit take a chunk of up to that width. Rows must be the first ones: passes run on a
         # contiguous block of cache rows.
         remaining = [len(r.prompt) - r.prefilled for r in self._prefilling]
@@ -510,23 +481,21 @@ class DecodeEngine:
             idx[r, width - n :] = torch.tensor(request.prompt[request.prefilled : request.prefilled + n])
         new = torch.tensor([n for _, n in batch], device=self._device)
         rows = [request for request, _ in batch]
+        scoring = any(r.prompt_logprobs is not None for r in rows)
         cache = self._cache.rows(first, first + len(batch), new_tokens=new)
-        return _Chunk(rows, [n for _, n in batch], idx.to(self._device), cache,
-                      scoring=any(r.prompt_logprobs is not None for r in rows))
-
-    def _after_prefill(self, chunk: _Chunk, logits: torch.Tensor, exited: torch.Tensor | None) -> None:
-        """Score the chunk's prompt tokens where asked; a row whose prompt is in samples its first token from the
-        last position's logits (R, W or 1, V) and starts decoding."""
+        logits, exited = self._forward(idx.to(self._device), cache, rows, last_only=not scoring)  # (R, W or 1, V)
         self._counters["prefill_passes"] += 1
-        self._counters["prompt_tokens"] += sum(chunk.counts)
-        rows, width = chunk.rows, chunk.idx.shape[1]
+        self._counters["prompt_tokens"] += int(new.sum())
+
         done = []
-        for r, (request, n) in enumerate(zip(rows, chunk.counts)):
+        for r, (request, n) in enumerate(batch):
             if request.prompt_logprobs is not None:
                 self._score_prompt_chunk(request, logits[r, width - n :])
             request.prefilled += n
             if request.prefilled == len(request.prompt):
                 done.append(r)
+        if not done:
+            return
         for r in done:
             if rows[r].prompt_logprobs is not None:
                 request = rows[r]
@@ -561,6 +530,15 @@ class DecodeEngine:
             request._prompt_top.extend(tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist()))
         else:
             request._prompt_top.extend(() for _ in targets)
+
+    def _decode_step(self) -> None:
+        rows = list(self._decoding)
+        feed = torch.tensor([[r.next_token] for r in rows], device=self._device)  # (B, 1)
+        logits, exited = self._forward(feed, self._cache.rows(0, len(rows)), rows, last_only=True)  # (B, 1, V)
+        self._counters["steps"] += 1
+        self._counters["step_rows"] += len(rows)
+        flags = exited[:, -1].tolist() if exited is not None else [None] * len(rows)
+        self._sample_and_accept(rows, logits[:, -1], flags)
 
     def _forward(self, idx: torch.Tensor, cache, rows: list[Request], last_only: bool):
         """Logits (B, T', V), and the per-position exit decisions (B, T) of early-exit models (else None)."""

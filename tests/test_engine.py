@@ -92,8 +92,8 @@ def test_concurrent_requests_each_equal_their_own_generation(model, engine):
 
 
 def test_an_early_exit_models_concurrent_requests_each_equal_their_own_generation(model):
-    """An early-exit model's rows leave at different layers, so its prefill and decoding parts take a pass each:
-    with newcomers prefilled while others decode, every request still equals its solo generation, exits included."""
+    """An early-exit model's rows leave at different layers: with newcomers prefilled while others decode, every
+    request still equals its solo generation, exits included."""
     from gpt2.early_exit import EarlyExitGPT
 
     torch.manual_seed(1)
@@ -107,8 +107,7 @@ def test_an_early_exit_models_concurrent_requests_each_equal_their_own_generatio
             collectors.append((prompt, 12 + i, c))
         for prompt, n, c in collectors:
             assert c.wait().tokens == exiting.generate([prompt], n, temperature=0)[0]
-        stats = e.stats()
-        assert stats["passes"] > stats["decode_steps"] and stats["mean_batch"] > 1, stats
+        assert e.stats()["mean_batch"] > 1, e.stats()
     finally:
         e.close()
 
@@ -207,10 +206,10 @@ def test_cancel_frees_the_row(model, engine):
         assert len(c.tokens) < 120 and stats["finished_by_reason"]["cancelled"] == 1
 
 
-def test_a_prefill_shares_its_pass_with_the_decoding_rows_step(model):
-    """A newcomer's prompt goes into the same pass over the weights as the decoding rows' next token: C, sent while
-    B's prefill pass runs, has its first token from the next pass, which also decodes A and B; no prefill but the
-    first request's (there was nothing to decode yet) takes a pass of its own."""
+def test_a_request_that_arrives_during_a_prefill_is_prefilled_before_the_next_decoding_step(model):
+    """Requests that arrive together (a closed loop's do) wait for two passes over the weights, not three: C, sent
+    while B's prefill pass runs, gets its own prefill before the decoding rows' next step, and then A, B and C
+    decode together. Only once in a row: the step after that decodes."""
     e = DecodeEngine(model, max_batch=4, max_pending=4)
     log: list[tuple[str, str]] = []
     greedy = SamplingParams(temperature=0, ignore_eos=True)
@@ -230,7 +229,7 @@ def test_a_prefill_shares_its_pass_with_the_decoding_rows_step(model):
             if len(a_tokens) == 3:
                 a_decoding.set()
 
-        def send_c() -> None:  # on the decoding thread, right after the pass that prefilled B
+        def send_c() -> None:  # on the decoding thread, right after B's prefill pass, before A's next step
             if not c_sent:
                 c_sent.append(e.submit([3, 4], 4, greedy, record("C")))
 
@@ -244,13 +243,9 @@ def test_a_prefill_shares_its_pass_with_the_decoding_rows_step(model):
         e.cancel(a)
         after_b = log[log.index(("B", "Token")) + 1:]
         tokens = [name for name, kind in after_b if kind == "Token"]
-        assert sorted(tokens[:3]) == ["A", "B", "C"], after_b[:8]  # C's first token came with A's and B's next
+        assert tokens[0] == "C", after_b[:6]  # C's first token, from its prefill, before A's next
+        assert sorted(tokens[1:4]) == ["A", "B", "C"], after_b[:8]  # then one step decodes all three
         assert b.generated == 4
-        while e.stats()["active"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        stats = e.stats()
-        assert stats["prefill_passes"] == 3 and stats["passes"] == stats["decode_steps"] + 1, stats
     finally:
         e.close()
 
