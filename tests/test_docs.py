@@ -498,7 +498,10 @@ def local_registry(user_dir, tmp_path_factory):
     server` of its own with gpt2-local-pretrained and gpt2-local-finetuned (their `champion` alias set at
     registration), from the user directory's model and a fine-tuned copy. Yields the server's URI and the
     fine-tuned model's directory."""
+    import threading
+
     import torch
+    from mlflow.tracking._tracking_service import utils as tracking_service
 
     from cluster.runtime.local_services import free_port, start_local_server, stop_server
     from cluster.runtime.tracking import RunLogger
@@ -512,13 +515,21 @@ def local_registry(user_dir, tmp_path_factory):
         with torch.no_grad():  # a fine-tune: other weights, so the two registered models differ
             model.transformer.wte.weight.mul_(1.5)
         model.save_pretrained(str(root / "finetuned"))
-        for kind, source in (("pretrained", user_dir / "runs/pretrain/local/final"), ("finetuned", root / "finetuned")):
-            logger = RunLogger(root / kind, experiment="docs", run_name="local", uri=uri)
-            logger.log_metrics({"val_loss": 3.0}, step=1)
-            assert logger.log_model(source, kind) == f"models:/gpt2-local-{kind}/1"
-            logger.close()
+        # Registering sets MLflow's process-wide tracking URI (and MLFLOW_TRACKING_URI) to this server, as a job's
+        # process would: both go back to what they were, so later tests reach the session's server.
+        with pytest.MonkeyPatch.context() as restore:
+            restore.setattr(tracking_service, "_tracking_uri", tracking_service._tracking_uri)
+            restore.setenv("MLFLOW_TRACKING_URI", uri)
+            for kind, source in (("pretrained", user_dir / "runs/pretrain/local/final"),
+                                 ("finetuned", root / "finetuned")):
+                logger = RunLogger(root / kind, experiment="docs", run_name="local", uri=uri)
+                logger.log_metrics({"val_loss": 3.0}, step=1)
+                assert logger.log_model(source, kind) == f"models:/gpt2-local-{kind}/1"
+                logger.close()
         yield {"uri": uri, "finetuned": root / "finetuned"}
     finally:
+        # Reaped as soon as it exits: stop_server would otherwise wait its whole timeout for the zombie.
+        threading.Thread(target=server.wait, daemon=True).start()
         stop_server(server.pid)
 
 
