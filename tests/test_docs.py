@@ -565,7 +565,6 @@ def test_the_model_registry_block_runs(user_dir, local_registry):
                       f"for i in $(seq 300); do curl -sf 127.0.0.1:{port}/ping >/dev/null && break; sleep 1; done")
     script[-1] += " --max-tokens 8 --temperature 0 --dtype float32"
     env = _shell_env()
-    env.pop("MLFLOW_TRACKING_URI", None)  # the block's export is what sets it
     out = subprocess.run(["bash", "-e", "-c", "\n".join(script)], cwd=user_dir, env=env, capture_output=True,
                          text=True, timeout=600)
     log = user_dir / "mlflow-models-serve.log"
