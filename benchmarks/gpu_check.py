@@ -14,7 +14,7 @@ Checks (each prints PASS, FAIL, SKIP or INFO with the measured difference; any F
   the engine's seeded output alone, in a crowd and from model.generate (fp32; bf16 is reported, not judged).
 Speed (one table): GPT-2 124M and 350M training tokens/s and MFU (bf16 autocast, torch.compile, fused AdamW, flash
 SDPA, one GPU) next to llm.c; batch-1 bf16 decoding next to the memory-bandwidth bound; the engine at concurrency
-1/8/64; HellaSwag-format scoring examples/s; the peak memory of each. About 3-5 minutes on an H100/H200.
+1/8/64; HellaSwag-format scoring examples/s; the peak memory of each. About 2 minutes on an H100.
 
   python benchmarks/gpu_check.py --out gpu_check.json       # on a CUDA machine; see docs/gpu.md
   python benchmarks/gpu_check.py --only train,nf4            # some parts only, e.g. a rerun after a fix
@@ -73,14 +73,17 @@ from serving.engine import DecodeEngine, Finished, Token  # noqa: E402
 
 # Published and measured anchors (docs/gpu.md says where each comes from).
 LLMC_124M_TOKENS_PER_S = 467e3  # llm.c GPT-2 124M on 8×H100: ~3.7M tokens/s, per GPU
-H200_MATMUL_TFLOPS = 790.0  # an 8192³ bf16 matmul on random data, measured on this workplace's H200
-H200_COPY_TBPS = 4.3  # device-to-device copy on the same machines, bytes read + written
+# Each card's ceilings as measured on the machines this project is lent (an 8192³ bf16 matmul on random data, TFLOP/s;
+# a device-to-device copy, bytes read + written, TB/s), with the data sheet's memory bandwidth. The machine rows are
+# read against the card at hand; other cards (and the CPU smoke run) are read against the H200's.
+CARD_CEILINGS = {"H100": (788.0, 3.0, 3.35), "H200": (790.0, 4.3, 4.8)}
 NF4_PERPLEXITY_TOLERANCE = 0.02
 
 # Tolerances. fp32 on two devices differs by summation order only; bf16 keeps 8 bits of mantissa, so a 12-layer
 # forward drifts by about 1% of the logits' size (measured on the CPU: 0.8% under autocast, 1.1% in bf16 weights).
 FP32_REL = 1e-4
 BF16_REL = 3e-2
+AFTER_UPDATES = 10  # fp32's tolerance grows this much over two optimizer updates (check_train_step)
 
 
 @dataclass(frozen=True)
@@ -295,9 +298,12 @@ def measure_machine(run: Run) -> None:
     """The two ceilings the speed figures are read against: the matmul rate and the memory bandwidth."""
     dtype = torch.bfloat16 if run.cuda or cpu_has_fast_bf16() else torch.float32
     n = 8192 if run.cuda else 1024
+    gpu = torch.cuda.get_device_name(run.device) if run.cuda else ""
+    card = next((key for key in CARD_CEILINGS if key in gpu), "H200")
+    matmul, copy, sheet_copy = CARD_CEILINGS[card]
     run.matmul_tflops = measure_matmul_flops(run.device.type, dtype, n=n, repeats=10 if run.cuda else 3) / 1e12
     run.figure(Figure("matmul-peak", f"matmul {n}³ {str(dtype).removeprefix('torch.')}", run.matmul_tflops, "TFLOP/s",
-                      f"H200 ≈{H200_MATMUL_TFLOPS:.0f} measured (data sheet 989 dense)", H200_MATMUL_TFLOPS))
+                      f"{card} ≈{matmul:.0f} measured (data sheet 989 dense)", matmul))
     nbytes = (2 << 30) if run.cuda else (64 << 20)
     src = torch.ones(nbytes // 4, device=run.device)
     dst = torch.empty_like(src)
@@ -305,7 +311,7 @@ def measure_machine(run: Run) -> None:
     best = min(timed(lambda: dst.copy_(src), run.device) for _ in range(10 if run.cuda else 3))
     run.bandwidth_tbps = 2 * nbytes / best / 1e12  # every byte is read once and written once
     run.figure(Figure("bandwidth", f"memory bandwidth, copy of {nbytes >> 20} MiB", run.bandwidth_tbps, "TB/s",
-                      f"H200 ≈{H200_COPY_TBPS} measured (data sheet 4.8)", H200_COPY_TBPS))
+                      f"{card} ≈{copy} measured (data sheet {sheet_copy})", copy))
 
 
 @torch.no_grad()
@@ -408,12 +414,21 @@ def check_train_step(run: Run, base: GPT, corpus: Corpus) -> None:
     cpu_loss, cpu_norm = steps(torch.device("cpu"), None)
     for name, dtype, tol in (("fp32", None, FP32_REL), ("bf16", torch.bfloat16, BF16_REL)):
         loss, norm = steps(run.device, dtype)
-        loss_rel = max(abs(a - b) / abs(b) for a, b in zip(loss, cpu_loss))
-        norm_rel = max(abs(a - b) / abs(b) for a, b in zip(norm, cpu_norm))
-        label = f"train step {name}{' autocast' if dtype else ''} vs CPU fp32 (3 steps)"
-        run.judge(f"train-step-{name}", label, max(loss_rel, norm_rel), tol,
-                  f"losses {' '.join(f'{v:.4f}' for v in loss)} vs {' '.join(f'{v:.4f}' for v in cpu_loss)}"
-                  f" (relative {loss_rel:.1e}), grad norms relative {norm_rel:.1e}")
+        loss_rel = [abs(a - b) / abs(b) for a, b in zip(loss, cpu_loss)]
+        norm_rel = [abs(a - b) / abs(b) for a, b in zip(norm, cpu_norm)]
+        how = f"{name}{' autocast' if dtype else ''} vs CPU fp32"
+        values = (f"losses {' '.join(f'{v:.4f}' for v in loss)} vs {' '.join(f'{v:.4f}' for v in cpu_loss)},"
+                  f" relative {' '.join(f'{v:.1e}' for v in loss_rel)}; grad norms relative"
+                  f" {' '.join(f'{v:.1e}' for v in norm_rel)}")
+        # The first step starts from the same weights: only the order of summation differs. The later steps follow
+        # AdamW updates, which move every weight by about lr times the sign of its gradient however small that
+        # gradient is, so a gradient near zero that the summation order puts on the other side of zero moves its
+        # weight by twice the learning rate: fp32's difference grows step by step (on an H100, 1.8e-4 in the second
+        # step's gradient norm, 6e-5 in the first). bf16's own rounding is larger than that growth.
+        after = tol * (AFTER_UPDATES if dtype is None else 1)
+        run.judge(f"train-step-{name}", f"train step {how}, first step", max(loss_rel[0], norm_rel[0]), tol, values)
+        run.judge(f"train-step-{name}-updated", f"train step {how}, steps 2-3 (after updates)",
+                  max(loss_rel[1:] + norm_rel[1:]), after, values)
 
 
 class Collector:
@@ -772,6 +787,8 @@ def main() -> int:
         device, plan = torch.device(args.device), GPU_PLAN
         if device.type != "cuda" or not torch.cuda.is_available():
             parser.error(f"no CUDA device {args.device!r} here; --cpu-smoke runs the same code on the CPU")
+        # set_device needs an index ("cuda" alone is refused); "cuda" means the current device, as torch reads it.
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     if args.micro_batch:
         T = plan.train_batch[1]

@@ -31,14 +31,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def chunk_tokens(device: torch.device, n_vocab: int) -> int:
-    """Tokens per chunk: on CPU about 200 MB of fp32 logits in flight, on GPUs about 1 GB (large matmuls)."""
-    budget = 1 << 30 if device.type == "cuda" else 200 << 20
-    return max(1, budget // (4 * n_vocab))
+    """Tokens per chunk: on CPU about 200 MB of fp32 logits in flight, on GPUs about 1 GB (large matmuls), there a
+    multiple of 64 tokens (the weight gradient's inner dimension)."""
+    if device.type == "cuda":
+        return max(64, (1 << 30) // (4 * n_vocab) // 64 * 64)
+    return max(1, (200 << 20) // (4 * n_vocab))
 
 
-def vocab_block(device: torch.device, n_vocab: int) -> int:
-    """Vocabulary rows per block: 4,096 on CPU (see the module docstring); GPUs take the whole vocabulary at once."""
-    return 4096 if device.type == "cpu" else n_vocab
+def head_rows(device: torch.device, n_vocab: int, padded: int) -> int:
+    """The weight rows multiplied: on a GPU the padded rows too, their logits then set to -inf, since a logits row
+    50,304 wide (a multiple of 64) keeps cuBLAS on its fast kernels where 50,257-wide rows fell back to older ones
+    that made the head half of a 124M training step on an H100 (docs/gpu.md). On CPU only the real rows."""
+    return padded if device.type == "cuda" else n_vocab
+
+
+def vocab_block(device: torch.device, rows: int) -> int:
+    """Vocabulary rows per block: 4,096 on CPU (see the module docstring); GPUs take every row at once."""
+    return 4096 if device.type == "cpu" else rows
 
 
 class _LMHeadCrossEntropy(torch.autograd.Function):
@@ -54,7 +63,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if grad_w_needed else None
             if grad_w is not None:
                 grad_w[n_vocab:].zero_()
-            blocks = [(s, min(s + block, n_vocab)) for s in range(0, n_vocab, block)]
+            rows = head_rows(hidden.device, n_vocab, weight.shape[0])
+            blocks = [(s, min(s + block, rows)) for s in range(0, rows, block)]
             w_blocks = [weight[s:e].to(dtype) for s, e in blocks]  # (v, C) each; padded rows never enter the softmax
             for start in range(0, hidden.shape[0], chunk):
                 x = hidden[start : start + chunk].to(dtype)  # (n, C)
@@ -66,6 +76,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 picked = torch.zeros(len(t), dtype=torch.float32, device=t.device)
                 for (s, e), w in zip(blocks, w_blocks):
                     z = x @ w.T  # (n, v)
+                    if e > n_vocab:
+                        z[:, n_vocab - s :] = float("-inf")  # padded rows (head_rows): exp() gives 0, no gradient
                     m = z.amax(dim=-1).float()  # (n,)
                     ez = torch.sub(z, m[:, None]).exp_()  # fp32: the subtraction promotes, no separate upcast
                     if need_grads:  # kept for pass 2; evaluation needs only the sums
@@ -124,7 +136,7 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         targets,
         n_vocab,
         chunk_tokens(device, n_vocab),
-        vocab_block(device, n_vocab),
+        vocab_block(device, head_rows(device, n_vocab, weight.shape[0])),
         _compute_dtype(hidden),
         need_grads,
     )

@@ -6,15 +6,26 @@ weights is a short mapping (see checkpoint.py). Shapes: B batch, T time, C n_emb
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2.config import IGNORE_INDEX, GPTConfig
 from gpt2.kv_cache import KVCache
 from gpt2.lm_head_loss import lm_head_loss
+
+# Decoding with a KV cache meets a new shape at almost every step (the cache grows by one, batches change). On CUDA,
+# SDPA's cuDNN kernel plans each new shape afresh: on an H100 that took 5 ms per call, so batch-1 generation of
+# unseen lengths ran at a fraction of its speed. The memory-efficient kernel takes the cache's mask with no planning.
+_CACHED_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def _cached_attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    return sdpa_kernel(_CACHED_KERNELS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class CausalSelfAttention(nn.Module):
@@ -42,7 +53,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             k, v, mask = cache.update(layer, k, v)  # (B, nh, L, hs), mask (B, 1, T, L)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
+            with _cached_attention_kernels(q.device):
+                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, width)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 

@@ -24,7 +24,8 @@ WITHOUT_RAY_OR_MLFLOW = (
 CHECKS = {
     "logits-fp32", "logits-bf16-autocast-flash", "logits-bf16-weights", "kv-cache-fp32", "kv-cache-bf16",
     "lm-head-fp32-loss", "lm-head-fp32-grads", "lm-head-bf16-loss", "lm-head-bf16-grads", "train-step-fp32",
-    "train-step-bf16", "engine-seeded-fp32", "nf4-perplexity", "no-ray-mlflow",
+    "train-step-fp32-updated", "train-step-bf16", "train-step-bf16-updated", "engine-seeded-fp32", "nf4-perplexity",
+    "no-ray-mlflow",
 }
 FIGURES = {
     "matmul-peak", "bandwidth", "train-tiny", "train-tiny-mfu-measured", "train-small", "decode-batch1",

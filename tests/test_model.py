@@ -76,11 +76,14 @@ def test_sequence_longer_than_context_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_chunked_head_loss_equals_the_full_logits_loss_and_gradients(autocast, monkeypatch):
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+def test_chunked_head_loss_equals_the_full_logits_loss_and_gradients(autocast, layout, monkeypatch):
     import gpt2.lm_head_loss
 
     monkeypatch.setattr(gpt2.lm_head_loss, "chunk_tokens", lambda device, n_vocab: 5)  # several uneven chunks
-    monkeypatch.setattr(gpt2.lm_head_loss, "vocab_block", lambda device, n_vocab: 7000)  # a short last block
+    monkeypatch.setattr(gpt2.lm_head_loss, "vocab_block", lambda device, rows: 7000)  # a short last block
+    if layout == "gpu":  # the GPU's way: padded rows multiplied too, their logits masked (the last block holds both)
+        monkeypatch.setattr(gpt2.lm_head_loss, "head_rows", lambda device, n_vocab, padded: padded)
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_pad_multiple=64))  # 50304 rows, 50257 in the softmax
     idx, targets = torch.randint(0, 50257, (2, 11)), torch.randint(0, 50257, (2, 11))
