@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import ConfigError, flatten, load, to_dict
+from cluster.config.loading import OverridesParser
 from cluster.config.pretrain import PretrainConfig
 from cluster.eval.compression import fresh_run_logger, markdown_table, write_csv
 from gpt2 import GPT
@@ -36,7 +37,7 @@ NORMS = {"pre": "Pre-LN", "post": "Post-LN"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OverridesParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML pretraining config (configs/norms-local.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100 train.max_lr=1e-2")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")

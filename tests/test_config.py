@@ -59,6 +59,10 @@ def test_print_config_shows_the_config_even_when_its_data_is_missing(tmp_path, c
     from tests.pretrain_fixtures import write_python_docs_shards
 
     parser = job_parser("test", "--config YAML", "train.max_steps=10")
+    # Options may stand between the overrides, as users type them.
+    args = parser.parse_args(["train.max_steps=3", "--address", "local", "train.seed=2", "--print-config",
+                              "run.name=x"])
+    assert args.overrides == ["train.max_steps=3", "train.seed=2", "run.name=x"] and args.address == "local"
     args = parser.parse_args(["--config", "configs/local.yaml", f"data.shards={tmp_path / 'missing'}", "--print-config"])
     with pytest.raises(SystemExit, match="no manifest.json there") as stop:
         config_for_job(PretrainConfig, args)

@@ -142,11 +142,10 @@ RUN_BY = {
     ("README.md", "python jobs/generate.py --model models:/"): "test_the_model_registry_block_runs",
     ("README.md", "serve run serving/config.yaml"): "test_serve_run_serves_serving_config_yaml",
     ("docs/serving.md", ".venv/bin/serve run"): "test_serve_run_serves_serving_config_yaml",
+    ("README.md", "python jobs/pipeline.py"): "test_the_pipeline_commands_run",
 }
 # Runnable offline, not run by a test yet: each one that gets a test moves to RUN_BY.
-NOT_YET_RUN = [
-    ("README.md", "python jobs/pipeline.py"),
-]
+NOT_YET_RUN: list[tuple[str, str]] = []
 
 
 def _entry_for(command: Command) -> tuple[str, str] | None:
@@ -174,6 +173,15 @@ def _commands_run_by(test_name: str) -> list[Command]:
     return [c for c in COMMANDS if not c.not_run and RUN_BY.get(_entry_for(c) or ("", "")) == test_name]
 
 
+def _link_checkout(work: Path) -> Path:
+    """A user's working directory holding the checkout's scripts, configs and virtualenv (links) and nothing else."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("jobs", "configs", "serving", "benchmarks", "cluster", "gpt2", "workflow", "tests", ".venv",
+                 "runtime_env.yaml"):
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
 def _make_user_dir(work):
     """A user's working directory with what the documented commands name: the checkout's scripts, configs and
     virtualenv (links), a trained model at runs/pretrain/local/final and .../checkpoint, shards in data/pydocs, notes/
@@ -184,10 +192,7 @@ def _make_user_dir(work):
     from tests.pretrain_fixtures import write_python_docs_shards
     from tests.test_hellaswag import EXAMPLES, write_jsonl
 
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("jobs", "configs", "serving", "benchmarks", "cluster", "gpt2", "workflow", "tests", ".venv",
-                 "runtime_env.yaml"):
-        (work / name).symlink_to(ROOT / name)
+    _link_checkout(work)
     torch.manual_seed(0)
     model = GPT(preset("tiny").replace(n_layer=4))  # four blocks, as the early-exit commands' exit layers need
     for name in ("final", "checkpoint"):
@@ -215,12 +220,13 @@ def user_dir(tmp_path_factory):
     return _make_user_dir(tmp_path_factory.mktemp("user"))
 
 
-def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600) -> str:
-    """The command through bash, as a user's shell runs it (comments dropped, `appended` options added); its output."""
+def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600, env: dict | None = None) -> str:
+    """The command through bash, as a user's shell runs it (comments dropped, `appended` options added, `env` set in
+    the shell); its output."""
     import shlex
 
     text = shlex.join([*command.words(), *appended])
-    env = _shell_env()
+    env = _shell_env(**(env or {}))
     out = subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command.where}: {text}\n{out.stdout[-2000:]}{out.stderr[-4000:]}"
     return out.stdout + out.stderr
@@ -344,6 +350,76 @@ def test_compression_commands_run(user_dir):
     output = _run_as_written(named, user_dir, "--eval-tokens", "512", "--decode-tokens", "4")
     for name in ("base", "distilled", "pruned"):
         assert name in output, output[-2000:]
+
+
+# The pipeline's own overrides that make every stage tiny (appended to a documented command: later ones win). The
+# evaluation's perplexity pass and the search's two trials are the longest pieces of work, so they use both cores.
+TINY_PIPELINE = (
+    "cloze_examples=8", "eval_actors=2",
+    "pretrain_overrides=[model.preset=tiny, train.seq_len=32, train.micro_batch=2, train.total_batch_tokens=64,"
+    " train.max_steps=4, train.warmup_steps=1, train.autocast=fp32, eval.val_every=2, eval.val_batches=2,"
+    " eval.sample_every=0, checkpoint.every=0, scaling.num_workers=1]",
+    "finetune_overrides=[data.max_documents=12, data.seq_len=64, train.micro_batch=4, train.epochs=1,"
+    " train.autocast=fp32, search.epochs=1, 'search.lrs=[1.0e-3, 1.0e-4]', search.max_concurrent=2,"
+    " samples.max_tokens=8]",
+    "early_exit_overrides=[model.exit_layer=1, data.seq_len=32, data.micro_batch=4, data.train_batches=4,"
+    " data.val_batches=2, classifier.epochs=2, scaling.threads_per_worker=1]",
+)
+
+
+def _assert_one_registered_model_per_kind(uri: str, name: str, early_exit_versions: int) -> None:
+    """Each stage's model is a version of its own registered model, with its figures as tags and a champion."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for kind, versions in (("pretrained", 1), ("finetuned", 1), ("early-exit", early_exit_versions)):
+        model = client.get_registered_model(f"gpt2-{name}-{kind}")
+        assert model.aliases["champion"] in {str(v) for v in range(1, versions + 1)}
+        version = client.get_model_version(model.name, str(versions))
+        assert version.tags["kind"] == kind and float(version.tags["val_loss"]) > 0 and version.tags["git_commit"]
+        assert version.description.startswith(f"A `{kind}` GPT-2 model from MLflow run")
+    pretrained = client.get_model_version(f"gpt2-{name}-pretrained", "1")
+    assert pretrained.tags["tokens_seen"] == "256" and "hellaswag_acc_norm" in pretrained.tags  # the evaluate stage's
+
+
+def test_the_pipeline_commands_run(tmp_path, mlflow_server):
+    """The README's three pipeline commands in a directory of their own, on tiny settings, with MLflow's server in
+    the shell's MLFLOW_TRACKING_URI (as `make demo` leaves one running) and a Ray instance of each command's own
+    (`--address local`: in the test session other Ray instances run, which the job would otherwise join).
+    `name=exp2 ...` runs every stage on real Ray Train, Tune and Serve, registers one model per kind and fetches a
+    completion over HTTP. The plain command then runs under that name (appended), so it finds every stage done and
+    only serves again; `--from early_exit` reruns that stage and serving."""
+    from cluster.runtime.local_services import free_port
+
+    commands = _commands_run_by("test_the_pipeline_commands_run")
+    assert [c.words()[2:] for c in commands] == [[], ["--from", "early_exit"],
+                                                 ["name=exp2", "pretrain_overrides=[train.max_steps=200]"]]
+    plain, later, renamed = commands
+    work = _link_checkout(tmp_path / "user")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    own = ("--address", "local", f"serve_port={free_port()}", *TINY_PIPELINE)
+
+    # The documented pretrain_overrides gives way to the tiny one after it; the name stays the command's own.
+    output = _run_as_written(renamed, work, *own, env=env)
+    for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve"):
+        assert f"[{stage}] running" in output, output[-3000:]
+    assert "unchanged since the last run" not in output
+    assert "fine-tune learning rate" in output and "(Ray Tune search)" in output
+    assert "were every token to exit" in output  # the early-exit bound, beside its measured ratio
+    assert "over HTTP:\nThe Python language reference" in output, output[-3000:]
+    assert (work / "runs/pretrain/exp2/final/model.safetensors").is_file()
+    _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=1)
+
+    output = _run_as_written(plain, work, *own, "name=exp2", env=env)
+    for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit"):
+        assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
+    assert "[serve] running" in output and "=== pipeline results ===" in output
+
+    output = _run_as_written(later, work, *own, "name=exp2", env=env)
+    for stage in ("prepare", "pretrain", "evaluate", "finetune"):
+        assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
+    assert "[early_exit] running" in output and "[serve] running" in output
+    _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=2)
 
 
 def test_data_preparation_commands_run(tmp_path):

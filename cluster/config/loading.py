@@ -159,10 +159,19 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ config-driven jobs
 
 
+class OverridesParser(argparse.ArgumentParser):
+    """A job's command line whose options may stand between its section.key=value overrides, as users type them
+    (`name=exp2 --address local search=false`): plain argparse takes positionals in one run only and refuses the
+    ones after an option."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        return self.parse_intermixed_args(args, namespace)
+
+
 def job_parser(doc: str, config_help: str, overrides_example: str) -> argparse.ArgumentParser:
     """The command line every config-driven job shares: --config, section.key=value overrides, --address and
     --print-config. A job adds its own flags to the parser it gets back."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OverridesParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=config_help)
     p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {overrides_example}")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local head, or a new local Ray)")
