@@ -65,7 +65,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 grad_w[n_vocab:].zero_()
             rows = head_rows(hidden.device, n_vocab, weight.shape[0])
             blocks = [(s, min(s + block, rows)) for s in range(0, rows, block)]
-            w_blocks = [weight[s:e].to(dtype) for s, e in blocks]  # (v, C) each; padded rows never enter the softmax
+            w_blocks = [weight[s:e].to(dtype) for s, e in blocks]  # (v, C) each; padded rows stay out of the softmax
             for start in range(0, hidden.shape[0], chunk):
                 x = hidden[start : start + chunk].to(dtype)  # (n, C)
                 t = targets[start : start + chunk]
