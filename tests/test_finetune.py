@@ -58,7 +58,8 @@ def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("finetune")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.data.tags.get("kind") == "lr-search"]
+    # This search's parent run: other tests' pipelines log searches of their own into the session's server.
+    parent = [r for r in runs if r.data.tags.get("kind") == "lr-search" and r.info.run_name == "searched-lr-search"]
     assert len(parent) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(children) == 2 and all("val_loss" in c.data.metrics for c in children)
