@@ -52,7 +52,7 @@ def vocab_block(device: torch.device, rows: int) -> int:
 
 class _LMHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, n_vocab: int, chunk: int, block: int, dtype, need_grads: bool):
+    def forward(ctx, hidden, weight, targets, n_vocab: int, chunk: int, blocks: tuple, dtype, need_grads: bool):
         with torch.autocast(hidden.device.type, enabled=False):
             grad_w_needed = need_grads and weight.requires_grad
             valid = targets != IGNORE_INDEX
@@ -63,8 +63,6 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if grad_w_needed else None
             if grad_w is not None:
                 grad_w[n_vocab:].zero_()
-            rows = head_rows(hidden.device, n_vocab, weight.shape[0])
-            blocks = [(s, min(s + block, rows)) for s in range(0, rows, block)]
             w_blocks = [weight[s:e].to(dtype) for s, e in blocks]  # (v, C) each; padded rows stay out of the softmax
             for start in range(0, hidden.shape[0], chunk):
                 x = hidden[start : start + chunk].to(dtype)  # (n, C)
@@ -130,13 +128,15 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     gradients of `hidden` and `weight` computed chunk by chunk. hidden (N, C), weight (V_padded, C), targets (N,)."""
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device = hidden.device
+    rows = head_rows(device, n_vocab, weight.shape[0])
+    block = vocab_block(device, rows)
     return _LMHeadCrossEntropy.apply(
         hidden,
         weight,
         targets,
         n_vocab,
         chunk_tokens(device, n_vocab),
-        vocab_block(device, head_rows(device, n_vocab, weight.shape[0])),
+        tuple((s, min(s + block, rows)) for s in range(0, rows, block)),  # each block's (start, end) weight rows
         _compute_dtype(hidden),
         need_grads,
     )
