@@ -220,13 +220,14 @@ def user_dir(tmp_path_factory):
     return _make_user_dir(tmp_path_factory.mktemp("user"))
 
 
-def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600, env: dict | None = None) -> str:
-    """The command through bash, as a user's shell runs it (comments dropped, `appended` options added, `env` set in
-    the shell); its output."""
+def _run_as_written(command: Command, cwd, *appended: str, timeout: int = 600,
+                    extra_env: dict[str, str] | None = None) -> str:
+    """The command through bash, as a user's shell runs it (comments dropped, `appended` options added, `extra_env`
+    set in the shell); its output."""
     import shlex
 
     text = shlex.join([*command.words(), *appended])
-    env = _shell_env(**(env or {}))
+    env = _shell_env(**(extra_env or {}))
     out = subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command.where}: {text}\n{out.stdout[-2000:]}{out.stderr[-4000:]}"
     return out.stdout + out.stderr
@@ -396,11 +397,11 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
                                                  ["name=exp2", "pretrain_overrides=[train.max_steps=200]"]]
     plain, later, renamed = commands
     work = _link_checkout(tmp_path / "user")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    tracking = {"MLFLOW_TRACKING_URI": mlflow_server}
     own = ("--address", "local", f"serve_port={free_port()}", *TINY_PIPELINE)
 
     # The documented pretrain_overrides gives way to the tiny one after it; the name stays the command's own.
-    output = _run_as_written(renamed, work, *own, env=env)
+    output = _run_as_written(renamed, work, *own, extra_env=tracking)
     for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve"):
         assert f"[{stage}] running" in output, output[-3000:]
     assert "unchanged since the last run" not in output
@@ -410,12 +411,12 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     assert (work / "runs/pretrain/exp2/final/model.safetensors").is_file()
     _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=1)
 
-    output = _run_as_written(plain, work, *own, "name=exp2", env=env)
+    output = _run_as_written(plain, work, *own, "name=exp2", extra_env=tracking)
     for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit"):
         assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
     assert "[serve] running" in output and "=== pipeline results ===" in output
 
-    output = _run_as_written(later, work, *own, "name=exp2", env=env)
+    output = _run_as_written(later, work, *own, "name=exp2", extra_env=tracking)
     for stage in ("prepare", "pretrain", "evaluate", "finetune"):
         assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
     assert "[early_exit] running" in output and "[serve] running" in output
