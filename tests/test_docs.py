@@ -385,12 +385,16 @@ def _assert_one_registered_model_per_kind(uri: str, name: str, early_exit_versio
 
 def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     """The README's three pipeline commands in a directory of their own, on tiny settings, with MLflow's server in
-    the shell's MLFLOW_TRACKING_URI (as `make demo` leaves one running) and a Ray instance of each command's own
-    (`--address local`: in the test session other Ray instances run, which the job would otherwise join).
-    `name=exp2 ...` runs every stage on real Ray Train, Tune and Serve, registers one model per kind and fetches a
-    completion over HTTP. The plain command then runs under that name (appended), so it finds every stage done and
-    only serves again; `--from early_exit` reruns that stage and serving."""
+    the shell's MLFLOW_TRACKING_URI (as `make demo` leaves one running), each in one of the situations a job starts
+    in (tests/test_job_startup.py runs the other jobs in them).
+    `name=exp2 ...` runs every stage on real Ray Train, Tune and Serve, on a Ray instance of its own (`--address
+    local`: in the test session other Ray instances run, which the job would otherwise join), registers one model per
+    kind and fetches a completion over HTTP. The plain command then runs under that name (appended) after a head
+    with token authentication was started as `make demo` starts it, which it finds on this machine: every stage is
+    done, so it only serves again, on that head. `--from early_exit` reruns that stage and serving on the same head,
+    named by RAY_ADDRESS in a shell without RAY_AUTH_MODE."""
     from cluster.runtime.local_services import free_port
+    from tests.multinode import LocalCluster
 
     commands = _commands_run_by("test_the_pipeline_commands_run")
     assert [c.words()[2:] for c in commands] == [[], ["--from", "early_exit"],
@@ -398,10 +402,10 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     plain, later, renamed = commands
     work = _link_checkout(tmp_path / "user")
     tracking = {"MLFLOW_TRACKING_URI": mlflow_server}
-    own = ("--address", "local", f"serve_port={free_port()}", *TINY_PIPELINE)
+    tiny = (f"serve_port={free_port()}", *TINY_PIPELINE)
 
     # The documented pretrain_overrides gives way to the tiny one after it; the name stays the command's own.
-    output = _run_as_written(renamed, work, *own, extra_env=tracking)
+    output = _run_as_written(renamed, work, "--address", "local", *tiny, extra_env=tracking)
     for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve"):
         assert f"[{stage}] running" in output, output[-3000:]
     assert "unchanged since the last run" not in output
@@ -411,15 +415,21 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     assert (work / "runs/pretrain/exp2/final/model.safetensors").is_file()
     _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=1)
 
-    output = _run_as_written(plain, work, *own, "name=exp2", extra_env=tracking)
-    for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit"):
-        assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
-    assert "[serve] running" in output and "=== pipeline results ===" in output
+    with LocalCluster(head_cpus=2) as head:
+        found = {**tracking, "RAY_TMPDIR": head.tmpdir}  # where the head keeps its address, as /tmp/ray does
+        output = _run_as_written(plain, work, *tiny, "name=exp2", extra_env=found)
+        for stage in ("prepare", "pretrain", "evaluate", "finetune", "early_exit"):
+            assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
+        assert "[serve] running" in output and "=== pipeline results ===" in output
+        assert "started a local ray instance" not in output.lower(), output[-3000:]  # Ray's words when it starts one
+        assert head.runs(head.head, "ServeReplica"), "the variants are not served by the head"
 
-    output = _run_as_written(later, work, *own, "name=exp2", extra_env=tracking)
-    for stage in ("prepare", "pretrain", "evaluate", "finetune"):
-        assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
-    assert "[early_exit] running" in output and "[serve] running" in output
+        named = {**tracking, "RAY_ADDRESS": head.address}
+        output = _run_as_written(later, work, *tiny, "name=exp2", extra_env=named)
+        for stage in ("prepare", "pretrain", "evaluate", "finetune"):
+            assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
+        assert "[early_exit] running" in output and "[serve] running" in output
+        assert "over HTTP:\nThe Python language reference" in output, output[-3000:]
     _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=2)
 
 

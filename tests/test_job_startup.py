@@ -3,9 +3,10 @@ reached through RAY_ADDRESS or found on this machine, from a shell where RAY_AUT
 in which a job imports ray and this project.
 
 Every job that starts or joins Ray runs here, in its smallest invocation, on such a head named by RAY_ADDRESS (the
-pipeline job excepted: it is minutes of work, and tests/test_docs.py runs its documented commands on a Ray of their
-own); the evaluation job also finds the head on this machine by itself. With no head at all, tests/test_docs.py
-runs each of them as the README writes it."""
+pipeline job excepted: it is minutes of work, and tests/test_docs.py runs its three documented commands on a Ray of
+their own, on a token head found on this machine and on one named by RAY_ADDRESS); the evaluation job also finds
+the head on this machine by itself. With no head at all, tests/test_docs.py runs each of them as the README writes
+it."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cluster.config import load
@@ -29,6 +30,7 @@ from cluster.runtime.tracking import read_metrics
 from cluster.train.pretrain import run_pretraining
 from gpt2 import GPT
 from gpt2.train import lr_at
+from gpt2.train_checkpoint import TRAINER_STATE
 from tests.drivers import kill_driver_when
 from tests.pretrain_fixtures import write_python_docs_shards
 
@@ -161,8 +163,10 @@ def test_remote_run_root_and_shards_resume_on_a_node_that_never_saw_the_run(
 @pytest.fixture(scope="module")
 def offline_killed_worker_run(ray_session, shards, tmp_path_factory):
     """A run of the reference's settings (no validation), tracking to a loopback port where no MLflow server
-    listens, one of whose two workers is SIGKILLed once the checkpoint after 4 steps exists. (config, result)."""
-    cfg = tiny_config(shards, tmp_path_factory.mktemp("killed"), "killed", "eval.val_every=0")
+    listens, one of whose two workers is SIGKILLed once the checkpoint after 4 steps exists. It checkpoints every
+    step, so it is still running when the kill lands: Ray takes a report (here, each step's checkpoint) from a
+    worker once per poll, every 2 s (Worker.report), while a tiny step takes 0.1 s. (config, result)."""
+    cfg = tiny_config(shards, tmp_path_factory.mktemp("killed"), "killed", "eval.val_every=0", "checkpoint.every=1")
     uri = f"http://127.0.0.1:{free_port()}"
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
@@ -206,8 +210,9 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
     """SIGKILL the job's driver process mid-run (Ray then ends the run's controller and workers), leave behind what a
     crash in the middle of persisting a checkpoint leaves (a newer checkpoint folder, half written), and submit the
     same run name again: it resumes from the last complete checkpoint, into the same MLflow run, with the losses of
-    an uninterrupted run."""
-    overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", f"run.tracking_uri={mlflow_server}")
+    an uninterrupted run. A checkpoint every step keeps the run going for 2 s a step (see offline_killed_worker_run)."""
+    overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", "checkpoint.every=1",
+                               f"run.tracking_uri={mlflow_server}")
     cfg = load(PretrainConfig, None, overrides)
     gcs = ray_session.get_runtime_context().gcs_address
     # A checkpoint counts once Ray Train's controller has registered it in the run's snapshot; one still only on
@@ -223,6 +228,7 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
 
     train_dir = Path(cfg.run_dir()) / "train"
     complete = train_dir / registered_checkpoints(cfg)[-1]
+    resume_step = torch.load(complete / TRAINER_STATE, weights_only=True)["step"]
     torn = train_dir / "checkpoint_2099-12-31_23-59-59.999999"
     torn.mkdir()
     shutil.copy(complete / "config.json", torn)
@@ -233,7 +239,7 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
     assert losses(cfg) == reference_losses
     assert (Path(cfg.run_dir()) / "mlflow_run_id").read_text() == first_run_id
     run = MlflowClient(mlflow_server).get_run(first_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "4"
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(resume_step)
     history = MlflowClient(mlflow_server).get_metric_history(first_run_id, "loss")
     assert sorted({m.step for m in history}) == list(range(8))
 
@@ -249,16 +255,17 @@ def test_unreachable_mlflow_keeps_metrics_locally(offline_killed_worker_run):
 
 @pytest.fixture(scope="module")
 def server_stopped_run(ray_session, shards, tmp_path_factory):
-    """12 steps on 1 worker accumulating 2 micro-steps per step (the reference run's global batch), no validation and
-    no checkpoint before the end, tracked by an MLflow server of its own that is stopped once the run has logged 2
-    steps. (config, result, steps logged when the server was gone, the server's store URI)."""
+    """12 steps on 1 worker accumulating 2 micro-steps per step (the reference run's global batch), no validation,
+    a checkpoint every step (so that it runs 2 s a step, see offline_killed_worker_run), tracked by an MLflow server
+    of its own that is stopped once the run has logged 2 steps. (config, result, steps logged when the server was
+    gone, the server's store URI)."""
     from cluster.runtime.local_services import start_local_server, stop_server
 
     root = tmp_path_factory.mktemp("outage")
     uri = f"http://127.0.0.1:{free_port()}"
     server = start_local_server(root / "mlflow", uri)
     threading.Thread(target=server.wait, daemon=True).start()
-    cfg = tiny_config(shards, root, "outage", "scaling.num_workers=1", "eval.val_every=0", "checkpoint.every=0",
+    cfg = tiny_config(shards, root, "outage", "scaling.num_workers=1", "eval.val_every=0", "checkpoint.every=1",
                       "train.max_steps=12")
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))

@@ -95,11 +95,9 @@ def distill_loop(cfg: DistillConfig, worker: Worker, tracking_uri: str | None, t
         if logger:
             logger.log_metrics(metrics, step)
         state["step"] = step + 1
-        if worker.keeps_checkpoints and is_due(step, cfg.checkpoint.every, last):
+        if worker.keeps_checkpoints and is_due(step, cfg.checkpoint.every, last):  # see Worker.report
             with tempfile.TemporaryDirectory() as tmp:
                 worker.report(metrics, save_training_checkpoint(student, optimizer, loader, rank, dict(state), Path(tmp)))
-        else:
-            worker.report(metrics)
     final = {"val_loss": val_loss(student), "teacher_val_loss": teacher_val_loss}
     if logger:
         logger.log_metrics(final, cfg.train.max_steps)

@@ -115,13 +115,12 @@ def train_loop_per_worker(config: dict) -> None:
             if is_due(step, cfg.eval.sample_every, last):
                 logger.log_text(_samples(model, cfg), f"samples/step_{step + 1:06d}.txt")
         state["step"] = step + 1
+        # Reported to Ray with a checkpoint only (the last step always has one): see Worker.report.
         if is_due(step, cfg.checkpoint.every, last):
             if logger:
                 run.push(*RUN_STATE, "samples")
             with tempfile.TemporaryDirectory() as tmp:
                 worker.report(metrics, save_training_checkpoint(model, optimizer, loader, rank, dict(state), Path(tmp)))
-        else:
-            worker.report(metrics)
     final = {"val_loss": validate(cfg.train.max_steps), **(hellaswag_metrics() if hellaswag else {})}
     if logger:
         logger.log_metrics(final, cfg.train.max_steps)
