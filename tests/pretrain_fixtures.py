@@ -1,4 +1,5 @@
-"""Small real shards and a real MLflow server for the pretraining tests."""
+"""What the tests of Ray Train runs share: small real shards, the pace that keeps a tiny run going while a test
+interrupts it, and the checkpoints Ray Train has registered."""
 
 from __future__ import annotations
 
@@ -24,3 +25,18 @@ def write_python_docs_shards(directory: Path, n_docs: int = 120, val_tokens: int
     manifest = {"source": "python-docs (test subset)", "shards": [dataclasses.asdict(s) for s in shards]}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
+
+
+# A checkpoint every step keeps a tiny run going while a test interrupts it: Ray takes a report (here, each step's
+# checkpoint) from a worker once per poll, every 2 s (cluster.train.worker.Worker.report), where a tiny step takes
+# 0.1 s. Checkpoints read the model and never change the training, so the losses stay an uninterrupted run's.
+PACED = "checkpoint.every=1"
+
+
+def registered_checkpoints(run_dir: str | Path) -> list[str]:
+    """The checkpoint folders Ray Train's controller has registered in the run's snapshot, oldest first."""
+    snapshot = Path(run_dir) / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []

@@ -28,6 +28,7 @@ from cluster.config.pretrain import PretrainConfig
 from tests import golden_losses
 from tests.golden_losses import OFFLINE_TRACKING, read_golden
 from tests.multinode import ROOT, LocalCluster, free_port
+from tests.pretrain_fixtures import PACED, registered_checkpoints
 from tests.test_golden_losses import assert_matches_golden
 
 
@@ -48,14 +49,6 @@ def cluster(shared_cluster):
 def _driver(cluster: LocalCluster, job: str, args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / job), "--address", cluster.address, *args],
                             cwd=log.parent, env=cluster.env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def _registered_checkpoints(run_dir: str) -> list[str]:
-    snapshot = Path(run_dir) / "train" / "checkpoint_manager_snapshot.json"
-    try:
-        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return []
 
 
 def _run_losing_its_node(cluster: LocalCluster, job: str, args: list[str], log: Path, when,
@@ -89,12 +82,6 @@ def _lose_its_node_midway(cluster: LocalCluster, job: str, args: list[str], log:
     assert "[FailurePolicy] RETRY" in output, "the node was lost after the job's workers had finished"
 
 
-# A checkpoint every step keeps a tiny run going while its node is lost: Ray takes a report (a checkpoint) from a
-# worker once per poll, every 2 s (cluster.train.worker.Worker.report), where a tiny step takes 0.1 s. The losses are
-# the golden ones all the same: checkpoints read the model, they never change the training.
-PACED = ("checkpoint.every=1",)
-
-
 def _golden_job(tmp_path: Path, overrides: list[str]) -> list[str]:
     """A golden job's overrides (tests/golden_losses.py) with restarts allowed and tracking to where nothing listens."""
     return [*overrides, "run.max_failures=2", f"run.tracking_uri={OFFLINE_TRACKING}", f"run.root={tmp_path / 'runs'}"]
@@ -105,10 +92,10 @@ def test_pretraining_survives_losing_its_workers_node(cluster, tmp_path):
     node is lost; Ray Train restarts the worker group on the replacement node from that checkpoint and the run ends
     with the losses of the uninterrupted run."""
     shards = golden_losses._python_docs_shards(tmp_path)
-    args = _golden_job(tmp_path, [*golden_losses.PRETRAIN, f"data.shards={shards}", *PACED])
+    args = _golden_job(tmp_path, [*golden_losses.PRETRAIN, f"data.shards={shards}", PACED])
     run_dir = load(PretrainConfig, None, args).run_dir()
     _lose_its_node_midway(cluster, "pretrain.py", args, tmp_path / "driver.log",
-                          lambda node: bool(_registered_checkpoints(run_dir)))
+                          lambda node: bool(registered_checkpoints(run_dir)))
     assert_matches_golden("pretrain", golden_losses._from_metrics(run_dir, ("val_loss", "loss")), read_golden())
 
 
@@ -120,7 +107,7 @@ def test_finetuning_survives_losing_its_workers_node(cluster, tmp_path):
                                                     f"model.source={base}", f"data.inputs=[{corpus}]"])
     run_dir = load(FinetuneConfig, None, args).run_dir()
     _lose_its_node_midway(cluster, "finetune.py", args, tmp_path / "driver.log",
-                          lambda node: bool(_registered_checkpoints(run_dir)))
+                          lambda node: bool(registered_checkpoints(run_dir)))
     assert_matches_golden("finetune_full", golden_losses._from_metrics(run_dir, ("train_loss", "val_loss")),
                           read_golden())
 
@@ -129,10 +116,10 @@ def test_distillation_survives_losing_its_workers_node(cluster, tmp_path):
     """The golden distillation on Ray Train (6 steps), checkpointed every step."""
     cfg = golden_losses._distill_config(tmp_path, "golden-ray")
     args = _golden_job(tmp_path, [*golden_losses.DISTILL, "run.name=golden-ray",
-                                  f"teacher.source={cfg.teacher.source}", f"data.shards={cfg.data.shards}", *PACED])
+                                  f"teacher.source={cfg.teacher.source}", f"data.shards={cfg.data.shards}", PACED])
     run_dir = load(DistillConfig, None, args).run_dir()
     _lose_its_node_midway(cluster, "distill.py", args, tmp_path / "driver.log",
-                          lambda node: bool(_registered_checkpoints(run_dir)))
+                          lambda node: bool(registered_checkpoints(run_dir)))
     assert_matches_golden("distill_ray", golden_losses._from_metrics(run_dir, golden_losses.DISTILL_KEYS),
                           read_golden())
 

@@ -32,7 +32,7 @@ from gpt2 import GPT
 from gpt2.train import lr_at
 from gpt2.train_checkpoint import TRAINER_STATE
 from tests.drivers import kill_driver_when
-from tests.pretrain_fixtures import write_python_docs_shards
+from tests.pretrain_fixtures import PACED, registered_checkpoints, write_python_docs_shards
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,8 @@ def test_remote_run_root_and_shards_resume_on_a_node_that_never_saw_the_run(
 def offline_killed_worker_run(ray_session, shards, tmp_path_factory):
     """A run of the reference's settings (no validation), tracking to a loopback port where no MLflow server
     listens, one of whose two workers is SIGKILLed once the checkpoint after 4 steps exists. It checkpoints every
-    step, so it is still running when the kill lands: Ray takes a report (here, each step's checkpoint) from a
-    worker once per poll, every 2 s (Worker.report), while a tiny step takes 0.1 s. (config, result)."""
-    cfg = tiny_config(shards, tmp_path_factory.mktemp("killed"), "killed", "eval.val_every=0", "checkpoint.every=1")
+    step (PACED), so it is still running when the kill lands. (config, result)."""
+    cfg = tiny_config(shards, tmp_path_factory.mktemp("killed"), "killed", "eval.val_every=0", PACED)
     uri = f"http://127.0.0.1:{free_port()}"
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
@@ -198,27 +197,19 @@ def alive_train_workers(ray_session) -> list:
     )
 
 
-def registered_checkpoints(cfg: PretrainConfig) -> list[str]:
-    snapshot = Path(cfg.run_dir()) / "train" / "checkpoint_manager_snapshot.json"
-    try:
-        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return []
-
-
 def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shards, mlflow_server, reference_losses, tmp_path):
     """SIGKILL the job's driver process mid-run (Ray then ends the run's controller and workers), leave behind what a
     crash in the middle of persisting a checkpoint leaves (a newer checkpoint folder, half written), and submit the
     same run name again: it resumes from the last complete checkpoint, into the same MLflow run, with the losses of
-    an uninterrupted run. A checkpoint every step keeps the run going for 2 s a step (see offline_killed_worker_run)."""
-    overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", "checkpoint.every=1",
+    an uninterrupted run. A checkpoint every step (PACED) keeps the run going while the driver is killed."""
+    overrides = tiny_overrides(shards, tmp_path, "driver", "eval.val_every=0", PACED,
                                f"run.tracking_uri={mlflow_server}")
     cfg = load(PretrainConfig, None, overrides)
     gcs = ray_session.get_runtime_context().gcs_address
     # A checkpoint counts once Ray Train's controller has registered it in the run's snapshot; one still only on
     # disk when the driver dies is ignored on resume, like a half-written one.
     kill_driver_when([sys.executable, "jobs/pretrain.py", "--address", gcs, *overrides], tmp_path / "driver.log",
-                     lambda: bool(registered_checkpoints(cfg)), "the registration of a checkpoint")
+                     lambda: bool(registered_checkpoints(cfg.run_dir())), "the registration of a checkpoint")
     killed_at = time.monotonic()
     assert len(losses(cfg)) < 8, "the run finished before the driver was killed"
     first_run_id = (Path(cfg.run_dir()) / "mlflow_run_id").read_text()
@@ -227,7 +218,7 @@ def test_killed_driver_resubmitted_resumes_the_same_mlflow_run(ray_session, shar
         time.sleep(0.5)
 
     train_dir = Path(cfg.run_dir()) / "train"
-    complete = train_dir / registered_checkpoints(cfg)[-1]
+    complete = train_dir / registered_checkpoints(cfg.run_dir())[-1]
     resume_step = torch.load(complete / TRAINER_STATE, weights_only=True)["step"]
     torn = train_dir / "checkpoint_2099-12-31_23-59-59.999999"
     torn.mkdir()
@@ -256,7 +247,7 @@ def test_unreachable_mlflow_keeps_metrics_locally(offline_killed_worker_run):
 @pytest.fixture(scope="module")
 def server_stopped_run(ray_session, shards, tmp_path_factory):
     """12 steps on 1 worker accumulating 2 micro-steps per step (the reference run's global batch), no validation,
-    a checkpoint every step (so that it runs 2 s a step, see offline_killed_worker_run), tracked by an MLflow server
+    a checkpoint every step (PACED, so that it is still running when the server stops), tracked by an MLflow server
     of its own that is stopped once the run has logged 2 steps. (config, result, steps logged when the server was
     gone, the server's store URI)."""
     from cluster.runtime.local_services import start_local_server, stop_server
@@ -265,7 +256,7 @@ def server_stopped_run(ray_session, shards, tmp_path_factory):
     uri = f"http://127.0.0.1:{free_port()}"
     server = start_local_server(root / "mlflow", uri)
     threading.Thread(target=server.wait, daemon=True).start()
-    cfg = tiny_config(shards, root, "outage", "scaling.num_workers=1", "eval.val_every=0", "checkpoint.every=1",
+    cfg = tiny_config(shards, root, "outage", "scaling.num_workers=1", "eval.val_every=0", PACED,
                       "train.max_steps=12")
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(cfg, uri)))
