@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_for_job(PipelineConfig, args, validate=lambda c: None)  # each stage's config is checked as it starts
 
     from cluster.runtime.ray_env import init_ray
-    from workflow.pipeline import run_pipeline, summary_table
+    from workflow.pipeline import run_pipeline, sample_caption, summary_table
 
     init_ray(args.address)
     try:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     print(summary_table(pipeline))
     print(f"Serve API: {served['url']}/v1   web page: {served['url']}/")
     print(f"sample completion from '{served['sample_model']}' over HTTP:\n{served['sample']}")
+    print(sample_caption(pipeline))
 
 
 if __name__ == "__main__":

@@ -412,6 +412,7 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     assert "fine-tune learning rate" in output and "(Ray Tune search)" in output
     assert "were every token to exit" in output  # the early-exit bound, beside its measured ratio
     assert "over HTTP:\nThe Python language reference" in output, output[-3000:]
+    assert "2-layer model pretrained on 256 tokens, validation perplexity" in output  # what to expect of the sample
     assert (work / "runs/pretrain/exp2/final/model.safetensors").is_file()
     _assert_one_registered_model_per_kind(mlflow_server, "exp2", early_exit_versions=1)
 

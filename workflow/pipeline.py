@@ -22,6 +22,7 @@ from cluster.runtime.storage import local_run_root
 from gpt2.durable import write_file_atomically
 
 STAGES = ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve")
+SAMPLE_TEMPERATURE = 0.8  # the completion the pipeline fetches over HTTP once the variants are served
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ class Pipeline:
 
             val = [r["val_loss"] for r in read_metrics(p.run_dir()) if "val_loss" in r]
             return {"final": str(Path(p.run_dir()) / "final"), "run_dir": p.run_dir(),
-                    "val_loss_first": val[0] if val else None, "val_loss_last": val[-1] if val else None}
+                    "val_loss_first": val[0] if val else None, "val_loss_last": val[-1] if val else None,
+                    "tokens": p.train.max_steps * p.train.total_batch_tokens,
+                    "n_layer": p.model.build().n_layer}
 
         return self.run_stage("pretrain", {"config": to_dict(p), "prepare": self.key("prepare")}, run, force)
 
@@ -258,7 +261,8 @@ def write_builtin_eval_and_domain(domain_dir: Path, cloze_examples: int) -> dict
 
 
 def completion_over_http(base: str, model: str, prompt: str, max_tokens: int = 40) -> str:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1})
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": SAMPLE_TEMPERATURE,
+                       "seed": 1})
     request = urllib.request.Request(f"{base}/v1/completions", body.encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as r:
         return prompt + json.loads(r.read())["choices"][0]["text"]
@@ -300,6 +304,18 @@ def summary_table(p: Pipeline) -> str:
     lines.append("stages: " + ", ".join(f"{s} {'(cached)' if r.cached else f'{r.seconds:.0f}s'}"
                                        for s, r in p.results.items()))
     return "\n".join(lines)
+
+
+def sample_caption(p: Pipeline) -> str:
+    """What to expect of the served sample, from the model's own figures: a demo-sized model writes likely word
+    pieces, not sentences, and the line says so next to what the full GPT-2 recipe reaches."""
+    pre, ev = p.results["pretrain"].outputs, p.results["evaluate"].outputs["metrics"]
+    if "tokens" not in pre:  # a stage record written before these figures were kept
+        return ""
+    return (f"(sampled at temperature {SAMPLE_TEMPERATURE:g} from a {pre['n_layer']}-layer model pretrained on {pre['tokens']:,} tokens,"
+            f" validation perplexity {ev['text/val/perplexity']:.0f}: it strings likely word pieces together rather"
+            " than sentences. The GPT-2 124M recipe, configs/gpt2-124m-fineweb-edu.yaml, trains on 10B tokens to a"
+            " validation loss near 3.3, a perplexity near 27.)")
 
 
 def _early_exit_speedup(ee: dict) -> str:
