@@ -63,6 +63,11 @@ def steady(values: list[float], warmup: int) -> float:
     return statistics.median(values[warmup:])
 
 
+def step_ends(rows: list[dict]) -> list[float]:
+    """When each training step of a run ended (its metrics record's time, in seconds)."""
+    return [r["time"] / 1000 for r in rows if "loss" in r]
+
+
 def wall_clock(ends: list[float], tokens_per_step: int, warmup: int) -> float:
     """Tokens/s between the end of step `warmup` and the end of the last step (`ends` in seconds)."""
     return tokens_per_step * (len(ends) - 1 - warmup) / (ends[-1] - ends[warmup])
@@ -91,7 +96,7 @@ def through_ray(cfg: PretrainConfig, warmup: int, tracking: str) -> tuple[float,
         raise RuntimeError(result.error)
     rows = [r for r in read_metrics(cfg.run_dir()) if "loss" in r]
     tokens = cfg.train.total_batch_tokens
-    return (wall_clock([r["time"] / 1000 for r in rows], tokens, warmup), steady([r["tokens_per_s"] for r in rows], warmup),
+    return (wall_clock(step_ends(rows), tokens, warmup), steady([r["tokens_per_s"] for r in rows], warmup),
             steady([r["data_share"] for r in rows], warmup))
 
 

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench_pretrain import DATA, ensure_data
+from benchmarks.bench_pretrain import DATA, ensure_data, step_ends
 from cluster.config import load
 from cluster.config.pretrain import PretrainConfig
 from cluster.runtime.ray_env import PROJECT_ROOT, init_ray
@@ -63,8 +63,8 @@ def run(cfg: PretrainConfig, tracking: str) -> list[dict]:
 
 
 def step_seconds(rows: list[dict]) -> list[float]:
-    """Wall-clock seconds of each step but the first (from the times its metrics were logged)."""
-    ends = [r["time"] / 1000 for r in rows if "loss" in r]
+    """Wall-clock seconds of each step but the first."""
+    ends = step_ends(rows)
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
