@@ -6,10 +6,16 @@ time: a short calibration run of each measures its seconds per step (wall clock,
 optimizer count; the median of its later steps), and its full run takes as many steps as fit the budget, with
 warmup and cosine decay stretched to that length. The budget defaults to what configs/local.yaml's own steps take.
 The final validation loss is over the whole validation split (every token once), the same tokens for every recipe
-whatever its batch shape. The table gives each run's wall time too, since a calibration can miss: with 6 steps,
-median of all, it overestimated the shortest steps by a quarter (1.39 s against 1.10).
+whatever its batch shape.
 
-  python -m benchmarks.bench_recipes [--budget-s 210] [--recipes local,2-layers]
+Two kinds of noise sit between close recipes, both measured on a 2-core AVX2 machine. The pace of the same run
+drifts by ±10% from one run to the next (a 1,024-token step took 1.22 s a step in one run and 1.03 s in the next),
+so a recipe's wall time misses the budget by that much whatever its calibration; the table gives the wall time of
+each run. And a run's final loss depends on its seed: runs of one recipe a few steps apart in length ended 0.035
+apart. --repeats N runs every recipe N times, each round with its own seed (train.seed) and the recipes in turn,
+so that drift falls on all of them alike; the table gives the mean and each run's loss.
+
+  python -m benchmarks.bench_recipes [--budget-s 210] [--recipes local,2-layers] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from cluster.train.pretrain import run_pretraining
 from gpt2.data import ShardedTokenLoader
 
 BASE = PROJECT_ROOT / "configs" / "local.yaml"
-# configs/local.yaml (2 workers × 4 sequences of 256 tokens a step, lr 3e-3, 4 layers) and its neighbours.
+# configs/local.yaml (2 workers × 2 sequences of 256 tokens a step, lr 3e-3, 4 layers) and its neighbours.
 RECIPES: dict[str, list[str]] = {
     "local": [],
+    "512-tokens": ["train.micro_batch=1", "train.total_batch_tokens=512"],
+    "2048-tokens": ["train.micro_batch=4", "train.total_batch_tokens=2048"],
     "4096-tokens": ["train.micro_batch=8", "train.total_batch_tokens=4096"],
-    "1024-tokens": ["train.micro_batch=2", "train.total_batch_tokens=1024"],
     "lr-6e-3": ["train.max_lr=6.0e-3", "train.min_lr=6.0e-4"],
     "2-layers": ["model.n_layer=2"],
 }
@@ -74,6 +81,17 @@ def schedule(steps: int, base: PretrainConfig) -> list[str]:
     return [f"train.max_steps={steps}", f"train.warmup_steps={max(1, round(share * steps))}"]
 
 
+def full_run(root: Path, tracking: str, base: PretrainConfig, name: str, steps: int, seed: int) -> Outcome:
+    overrides = [*RECIPES[name], *QUIET, *WHOLE_VAL_SPLIT, *schedule(steps, base), f"train.seed={seed}"]
+    cfg = config(root, f"{name}-seed{seed}", overrides)
+    rows = run(cfg, tracking)
+    gaps = step_seconds(rows)
+    seconds = sum(gaps) * steps / len(gaps)  # the first step's time taken as the mean of the others
+    val = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
+    print(f"{name}, seed {seed}: {steps} steps, {seconds:.0f} s, val loss {val:.4f}", flush=True)
+    return Outcome(name, cfg, steps, seconds, val)
+
+
 def base_train_tokens() -> int:
     return ShardedTokenLoader(DATA, 1, 256, split="train").num_tokens
 
@@ -83,6 +101,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, help="wall time per recipe (default: configs/local.yaml's max_steps)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
     p.add_argument("--calibration-steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each recipe, each with its own seed (default 1)")
     args = p.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -101,25 +120,24 @@ def main() -> None:
             per_step[name] = statistics.median(gaps[len(gaps) // 2:])  # the first steps run slower
             print(f"calibration: {name}: {per_step[name]:.2f} s per step", flush=True)
         budget = args.budget_s or base.train.max_steps * per_step.get("local", next(iter(per_step.values())))
-        outcomes = []
-        for name in names:
-            steps = max(2, math.floor(budget / per_step[name]))
-            cfg = config(root, name, [*RECIPES[name], *QUIET, *WHOLE_VAL_SPLIT, *schedule(steps, base)])
-            rows = run(cfg, tracking)
-            gaps = step_seconds(rows)
-            seconds = sum(gaps) * steps / len(gaps)  # the first step's time taken as the mean of the others
-            val = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
-            outcomes.append(Outcome(name, cfg, steps, seconds, val))
-            print(f"{name}: {steps} steps, {seconds:.0f} s, val loss {val:.4f}", flush=True)
+        runs: dict[str, list[Outcome]] = {name: [] for name in names}
+        for repeat in range(args.repeats):  # the recipes in turn, so the machine's drift falls on each alike
+            for name in names:
+                steps = max(2, math.floor(budget / per_step[name]))
+                runs[name].append(full_run(root, tracking, base, name, steps, base.train.seed + repeat))
     corpus = base_train_tokens()
-    print(f"\n## Pretraining recipes in the same wall time ({budget:.0f} s a recipe, `small` model, 2 workers × 1 thread)")
-    print("| recipe | layers | tokens a step | max lr | steps | epochs | wall s | val loss | val perplexity |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for o in sorted(outcomes, key=lambda o: o.val_loss):
-        t = o.cfg.train
-        print(f"| {o.recipe} | {o.cfg.model.build().n_layer} | {t.total_batch_tokens:,} | {t.max_lr:g} | {o.steps} |"
-              f" {o.steps * t.total_batch_tokens / corpus:.2f} | {o.seconds:.0f} | {o.val_loss:.4f} |"
-              f" {math.exp(o.val_loss):.0f} |")
+    print(f"\n## Pretraining recipes in the same wall time ({budget:.0f} s a recipe, `small` model, 2 workers × 1 thread,"
+          f" {args.repeats} seed(s) each)")
+    print("| recipe | layers | tokens a step | max lr | steps | epochs | wall s | val loss (mean) | val perplexity |"
+          " each seed's val loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name in sorted(names, key=lambda n: statistics.mean(o.val_loss for o in runs[n])):
+        first, losses = runs[name][0], [o.val_loss for o in runs[name]]
+        t, mean = first.cfg.train, statistics.mean(losses)
+        print(f"| {name} | {first.cfg.model.build().n_layer} | {t.total_batch_tokens:,} | {t.max_lr:g} |"
+              f" {first.steps} | {first.steps * t.total_batch_tokens / corpus:.2f} |"
+              f" {'–'.join(f'{o.seconds:.0f}' for o in runs[name])} | {mean:.4f} | {math.exp(mean):.0f} |"
+              f" {', '.join(f'{v:.3f}' for v in losses)} |")
 
 
 if __name__ == "__main__":
