@@ -52,9 +52,7 @@ QUIET = ["eval.val_every=0", "eval.sample_every=0", "checkpoint.every=0"]  # the
 
 @dataclass
 class Outcome:
-    recipe: str
     cfg: PretrainConfig
-    steps: int
     seconds: float  # wall clock from the first step's start (estimated) to the last step's end
     val_loss: float
 
@@ -90,7 +88,7 @@ def full_run(root: Path, tracking: str, base: PretrainConfig, name: str, steps: 
     seconds = sum(gaps) * steps / len(gaps)  # the first step's time taken as the mean of the others
     val = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
     print(f"{name}, seed {seed}: {steps} steps, {seconds:.0f} s, val loss {val:.4f}", flush=True)
-    return Outcome(name, cfg, steps, seconds, val)
+    return Outcome(cfg, seconds, val)
 
 
 def base_train_tokens() -> int:
@@ -123,11 +121,11 @@ def main() -> None:
             per_step[name] = statistics.median(gaps[len(gaps) // 2:])  # the first steps run slower
             print(f"calibration: {name}: {per_step[name]:.2f} s per step", flush=True)
         budget = args.budget_s or base.train.max_steps * per_step.get("local", next(iter(per_step.values())))
+        steps = {name: max(2, math.floor(budget / per_step[name])) for name in names}  # the same for every seed
         runs: dict[str, list[Outcome]] = {name: [] for name in names}
         for repeat in range(args.repeats):  # the recipes in turn, so the machine's drift falls on each alike
             for name in names:
-                steps = max(2, math.floor(budget / per_step[name]))
-                runs[name].append(full_run(root, tracking, base, name, steps, base.train.seed + repeat))
+                runs[name].append(full_run(root, tracking, base, name, steps[name], base.train.seed + repeat))
     corpus = base_train_tokens()
     print(f"\n## Pretraining recipes in the same wall time ({budget:.0f} s a recipe, `small` model,"
           f" 2 workers × 1 thread, {args.repeats} seed(s) each)")
@@ -135,10 +133,10 @@ def main() -> None:
           " each seed's val loss |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in sorted(names, key=lambda n: statistics.mean(o.val_loss for o in runs[n])):
-        first, losses = runs[name][0], [o.val_loss for o in runs[name]]
-        t, mean = first.cfg.train, statistics.mean(losses)
-        print(f"| {name} | {first.cfg.model.build().n_layer} | {t.total_batch_tokens:,} | {t.max_lr:g} |"
-              f" {first.steps} | {first.steps * t.total_batch_tokens / corpus:.2f} |"
+        cfg, losses = runs[name][0].cfg, [o.val_loss for o in runs[name]]
+        t, mean = cfg.train, statistics.mean(losses)
+        print(f"| {name} | {cfg.model.build().n_layer} | {t.total_batch_tokens:,} | {t.max_lr:g} |"
+              f" {steps[name]} | {steps[name] * t.total_batch_tokens / corpus:.2f} |"
               f" {', '.join(f'{o.seconds:.0f}' for o in runs[name])} | {mean:.4f} | {math.exp(mean):.0f} |"
               f" {', '.join(f'{v:.3f}' for v in losses)} |")
 
