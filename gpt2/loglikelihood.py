@@ -40,10 +40,11 @@ def row_logprobs(model: LanguageModel, rows: Sequence[Sequence[int]], first_targ
         inputs[i, : len(row) - 1] = tokens[:-1]
         targets[i, first - 1 : len(row) - 1] = tokens[first:]  # input position p predicts row[p + 1]
     device = next(model.parameters()).device
-    logits, _ = model(inputs.to(device))  # (R, W, V)
     scored = targets != IGNORE_INDEX  # (R, W)
-    # Only the scored positions go through log-softmax: a full (R, W, V) float32 copy would double peak memory.
-    token_nll = F.cross_entropy(logits[scored.to(device)].float(), targets[scored].to(device), reduction="none")  # (N,)
+    # Only the scored positions go through the head and log-softmax: on a small model the head is most of a
+    # forward pass's work, and cloze endings and the second halves of perplexity windows are a fraction of the rows.
+    logits, _ = model(inputs.to(device), logits_at=scored.to(device))  # (N, V)
+    token_nll = F.cross_entropy(logits.float(), targets[scored].to(device), reduction="none")  # (N,)
     per_position = torch.zeros(len(rows), width, dtype=torch.float64)  # (R, W)
     per_position[scored] = -token_nll.double().cpu()
     return per_position.sum(dim=1).tolist()

@@ -90,6 +90,21 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
 
+def check_logits_at(
+    logits_at: torch.Tensor | None, idx: torch.Tensor, last_only: bool, targets: torch.Tensor | None
+) -> None:
+    """Refuse a `logits_at` mask a forward pass cannot honour, naming what is wrong."""
+    if logits_at is None:
+        return
+    if logits_at.dtype != torch.bool or logits_at.shape != idx.shape:
+        raise ValueError(
+            f"logits_at must be a bool mask shaped like idx {tuple(idx.shape)}, "
+            f"got {logits_at.dtype} {tuple(logits_at.shape)}"
+        )
+    if last_only or targets is not None:
+        raise ValueError("logits_at selects the positions to score; it cannot be combined with last_only or targets")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -128,6 +143,7 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_logits: bool = True,
     ):
@@ -135,6 +151,8 @@ class GPT(nn.Module):
 
         kv_cache: append these tokens after each row's cached ones (incremental decoding).
         last_only: compute logits for the last position only (B, 1, V), as generation needs.
+        logits_at: a (B, T) bool mask; logits only for its True positions, (N, V) in row-major order, as scoring
+        needs (gpt2.loglikelihood). Where the head dominates the cost (small models) this skips most of it.
         output_hidden_states: also return the residual stream after the embeddings and after every block,
         a list of n_layer + 1 tensors (B, T, C), as Hugging Face does.
         Targets equal to -100 are ignored by the loss.
@@ -142,6 +160,7 @@ class GPT(nn.Module):
         without ever holding every position's logits (gpt2.lm_head_loss): what training and validation loss use.
         """
         B, T = idx.shape
+        check_logits_at(logits_at, idx, last_only, targets)
         if kv_cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
@@ -165,6 +184,8 @@ class GPT(nn.Module):
             return (None, loss, hidden) if output_hidden_states else (None, loss)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, C)
         # Padded vocabulary rows are cut off here, so they are never sampled and never enter the softmax.
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
         loss = None

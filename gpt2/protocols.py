@@ -66,10 +66,13 @@ class LanguageModel(Protocol):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy (None without targets).
+        """Logits (B, T, V), (B, 1, V) with last_only or (N, V) with logits_at, and the mean cross-entropy (None
+        without targets).
 
-        kv_cache: append these tokens after each row's cached ones."""
+        kv_cache: append these tokens after each row's cached ones.
+        logits_at: a (B, T) bool mask, the only positions whose logits are computed (row-major order)."""
         ...
 
     def __call__(
@@ -79,6 +82,7 @@ class LanguageModel(Protocol):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 

@@ -156,6 +156,25 @@ def test_per_row_thresholds_equal_rows_run_alone():
     assert len({int(e.sum()) for e in exited}) == 3  # the rows really used different thresholds
 
 
+@pytest.mark.parametrize("head_features", [True, False])
+def test_logits_at_with_mixed_exits_are_those_positions_of_the_full_logits(head_features):
+    model = _model(head_features=head_features)
+    idx = torch.randint(0, CONFIG.vocab_size, (4, 24))
+    at = torch.rand(4, 24) < 0.5
+    low, high = _thresholds_that_mix(model, [0.3, 0.7])
+    per_row = [ALWAYS, NEVER, low, high]  # a row that stops entirely leaves the others to run deeper alone
+    for tau in [low, high, NEVER, ALWAYS, per_row]:
+        with torch.no_grad():
+            full, exited = model.forward_with_exits(idx, threshold=tau)
+            picked, exited_too = model.forward_with_exits(idx, threshold=tau, logits_at=at)
+            via_forward, _ = model(idx, threshold=tau, logits_at=at)
+        assert torch.equal(exited, exited_too)
+        torch.testing.assert_close(picked, full[at], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(via_forward, picked, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, logits_at=at, last_only=True)
+
+
 def test_statistics_count_positions_and_blocks():
     model = _model()
     with torch.no_grad():

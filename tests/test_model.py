@@ -26,6 +26,31 @@ def test_forward_shapes_loss_and_hidden_states(tiny_model):
     assert abs(loss.item() - 10.825) < 0.3
 
 
+def test_logits_at_gives_the_selected_positions_of_the_full_logits(tiny_model):
+    idx = torch.randint(0, 50257, (3, 12))
+    at = torch.rand(3, 12) < 0.4
+    at[0] = False  # a row with nothing selected contributes no rows
+    with torch.no_grad():
+        full, _ = tiny_model(idx)
+        picked, loss = tiny_model(idx, logits_at=at)
+    assert picked.shape == (int(at.sum()), 50257) and loss is None
+    torch.testing.assert_close(picked, full[at], rtol=1e-4, atol=1e-4)  # the head's matmul shape differs
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"logits_at": torch.ones(2, 5, dtype=torch.bool)}, "shaped like idx"),
+        ({"logits_at": torch.ones(2, 6, dtype=torch.long)}, "bool mask"),
+        ({"logits_at": torch.ones(2, 6, dtype=torch.bool), "last_only": True}, "last_only"),
+        ({"logits_at": torch.ones(2, 6, dtype=torch.bool), "targets": torch.zeros(2, 6, dtype=torch.long)}, "targets"),
+    ],
+)
+def test_logits_at_that_cannot_be_honoured_is_refused(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(torch.zeros(2, 6, dtype=torch.long), **kwargs)
+
+
 def test_padded_vocab_is_never_predicted():
     torch.manual_seed(0)
     m = GPT(preset("tiny", vocab_pad_multiple=64)).eval()

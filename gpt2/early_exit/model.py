@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from gpt2.config import IGNORE_INDEX, GPTConfig
 from gpt2.early_exit.classifier import ExitClassifier, exit_features, exit_head
 from gpt2.kv_cache import KVCache
-from gpt2.model import GPT
+from gpt2.model import GPT, check_logits_at
 
 DEFAULT_THRESHOLD = 0.9
 
@@ -216,10 +216,15 @@ class EarlyExitGPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         threshold: float | Sequence[float] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) or (B, 1, V) with last_only, and the mean cross-entropy (None without targets), as GPT."""
-        logits, _ = self.forward_with_exits(idx, kv_cache=kv_cache, last_only=last_only, threshold=threshold)
+        """Logits (B, T, V), (B, 1, V) with last_only or (N, V) with logits_at, and the mean cross-entropy (None
+        without targets), as GPT."""
+        check_logits_at(logits_at, idx, last_only, targets)
+        logits, _ = self.forward_with_exits(
+            idx, kv_cache=kv_cache, last_only=last_only, logits_at=logits_at, threshold=threshold
+        )
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -233,6 +238,7 @@ class EarlyExitGPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         threshold: float | Sequence[float] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits as `forward`, and `exited` (B, T) bool: which positions stopped after block exit_layer.
@@ -241,11 +247,12 @@ class EarlyExitGPT(nn.Module):
         its own (a serving batch mixes requests). kv_cache: as for GPT.forward, each row continues from its own length.
         """
         B, T = idx.shape
+        check_logits_at(logits_at, idx, last_only, None)
         h = self._lower(idx, kv_cache)  # (B, T, C)
         tau = self._row_thresholds(threshold, B, h.device)  # (B,)
         normed, exit_logits, score = self._exit_scores(h)
         exited = score >= tau[:, None]  # (B, T)
-        logits = self._upper(h, normed, exit_logits, exited, kv_cache, last_only)
+        logits = self._upper(h, normed, exit_logits, exited, kv_cache, last_only, logits_at)
         if kv_cache is not None:
             kv_cache.end(T)
         n_exited = int(exited.sum())
@@ -298,8 +305,10 @@ class EarlyExitGPT(nn.Module):
         exited: torch.Tensor,
         kv_cache: KVCache | None,
         last_only: bool,
+        logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Blocks exit_layer.. on the rows that need them, the exited rows' deeper K/V, and the logits (B, T', V)."""
+        """Blocks exit_layer.. on the rows that need them, the exited rows' deeper K/V, and the logits (B, T', V),
+        or (N, V) for the positions of `logits_at`."""
         B = h.shape[0]
         t = self.base.transformer
         out_exited = exited[:, -1:] if last_only else exited  # (B, T')
@@ -318,6 +327,11 @@ class EarlyExitGPT(nn.Module):
 
         final = None if deep is None else t.ln_f(deep[:, -1:] if last_only else deep)  # (R, T', C)
         vocab = self.config.vocab_size
+        if logits_at is not None:
+            # Every position's logits are the head on ln_f of its last state (the exit head is that same head on the
+            # exit layer's state), so one head call on the selected positions serves exited and deep ones alike.
+            states = normed if final is None else self._merge(normed, final, running, everyone, out_exited)
+            return self.base.lm_head(states[logits_at])[..., :vocab]  # (N, V)
         if exit_logits is not None:  # the exit head already ran on every position: compute the last head only deeper
             base_out = exit_logits[:, -1:] if last_only else exit_logits
             if final is None:
