@@ -13,6 +13,7 @@ from gpt2.early_exit import (
     calibrate,
     choose_threshold,
     exit_features_and_labels,
+    held_out,
     load_early_exit,
     save_early_exit,
     train_classifier,
@@ -288,6 +289,15 @@ def test_classifier_learns_better_than_the_majority_class(trained_pair_model):
     with torch.no_grad():
         assert masked["exit_rate"] == float((model.exit_scores(x)[:, T // 2 :] >= 0.5).float().mean())
     assert model.stats.tokens == 0  # calibration does not count as serving traffic
+
+    # Batches passed through the backbone once (the training job's held-out data) give the same sweep, and the
+    # classifier data of exit_features_and_labels at the positions whose target counts.
+    held = held_out(base, (x, y), 2)
+    assert calibrate(model, [held], [0.5])[0] == masked
+    features, labels = held.features_and_labels()
+    every_feature, every_label = exit_features_and_labels(base, x, 2)
+    kept = (y != -100).flatten()
+    assert torch.equal(features, every_feature[kept]) and torch.equal(labels, every_label[kept])
 
 
 def test_choose_threshold_prefers_the_highest_exit_rate_that_agrees():

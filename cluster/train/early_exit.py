@@ -55,9 +55,11 @@ from gpt2.early_exit import (
     EXIT_WEIGHTS_FILE,
     EarlyExitGPT,
     ExitClassifier,
+    HeldOut,
     calibrate,
     choose_threshold,
     exit_features_and_labels,
+    held_out,
     save_early_exit,
     train_classifier,
 )
@@ -164,8 +166,10 @@ def train_and_calibrate(
     features, labels = features_and_labels(base, train, exit_layer, c.head_features)
     val = val_features = val_labels = None
     if worker.is_main:  # held-out metrics come from rank 0 alone; they are not a collective
-        val = token_batches(d.shards, d.micro_batch, d.seq_len, "val", d.val_batches)
-        val_features, val_labels = features_and_labels(base, val, exit_layer, c.head_features)
+        # One backbone pass per validation batch serves both the classifier's held-out metrics and the tau sweep.
+        val = [held_out(base, batch, exit_layer, head_features=c.head_features)
+               for batch in token_batches(d.shards, d.micro_batch, d.seq_len, "val", d.val_batches)]
+        val_features, val_labels = (torch.cat(parts) for parts in zip(*(b.features_and_labels() for b in val)))
     torch.manual_seed(c.seed)  # the same initial classifier on every worker
     classifier = ExitClassifier(base.config.n_embd, c.hidden_dim, c.head_features).to(device)
     history = train_classifier(
@@ -200,7 +204,7 @@ def _calibrate_and_save(
     history: list[dict],
     baseline: float,
     train_positions: int,
-    val: list[tuple[torch.Tensor, torch.Tensor]],
+    val: list[HeldOut],
     tags: Mapping[str, str] | None,
     tracking_uri: str | None,
 ) -> dict:
@@ -249,7 +253,7 @@ def _calibrate_and_save(
         "classifier_val_accuracy": last["val_accuracy"],
         "majority_baseline": baseline,
         "train_positions": train_positions,
-        "val_positions": sum(int((y != IGNORE_INDEX).sum()) for _, y in val),
+        "val_positions": sum(int(batch.valid.sum()) for batch in val),
     }
     if not reached:
         best = max(r["agreement"] for r in rows)

@@ -287,7 +287,11 @@ class EarlyExitGPT(nn.Module):
         else:
             normed, exit_logits = self.base.transformer.ln_f(h), None
         features = exit_features(h, exit_logits, self.config.layer_norm_epsilon)
-        return normed, exit_logits, torch.sigmoid(self.classifier(features).float())
+        return normed, exit_logits, self.exit_probability(features)
+
+    def exit_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's score in [0, 1] (float32) for `exit_features` (…, F): a position exits when it reaches tau."""
+        return torch.sigmoid(self.classifier(features).float())
 
     def _row_thresholds(self, threshold, B: int, device: torch.device) -> torch.Tensor:
         tau = torch.as_tensor(self.threshold if threshold is None else threshold, dtype=torch.float32, device=device)

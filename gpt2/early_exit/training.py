@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,22 +31,41 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def exit_features_and_labels(
-    base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier training data from token rows idx (B, T), with the backbone frozen (eval mode, no grad).
+class ExitPass(NamedTuple):
+    """One frozen forward pass over token rows (B, T), seen from the exit: what the classifier's data and the
+    threshold sweep (gpt2.early_exit.calibration) are both made from, so held-out rows need the pass only once."""
 
-    Returns features (B*T, F) float32 as `exit_features` makes them, and labels (B*T,) float32: 1.0 where the exit
-    head's argmax equals the full model's argmax at that position.
-    """
+    h: torch.Tensor  # (B, T, C) block exit_layer's output: the state an exiting position keeps
+    exit_logits: torch.Tensor  # (B, T, V) the exit head's prediction from h
+    full_logits: torch.Tensor  # (B, T, V) the full model's
+    features: torch.Tensor  # (B, T, F) the classifier's input, as `exit_features` makes it
+
+
+def exit_pass(base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: bool = True) -> ExitPass:
+    """The backbone run once on idx (B, T), frozen (eval mode, no grad); see ExitPass."""
     check_exit_layer(exit_layer, base.config.n_layer)
     with frozen(base):
         logits, _, hidden = base(idx, output_hidden_states=True)
         h = hidden[exit_layer]  # (B, T, C)
         _, exit_logits = exit_head(base, h)
-        labels = (exit_logits.argmax(-1) == logits.argmax(-1)).float()  # (B, T)
         features = exit_features(h, exit_logits if head_features else None, base.config.layer_norm_epsilon)
-    return features.reshape(-1, features.size(-1)), labels.reshape(-1)
+    return ExitPass(h, exit_logits, logits, features)
+
+
+def labels_of(run: ExitPass) -> torch.Tensor:
+    """(B, T) float32: 1.0 where the exit head's argmax equals the full model's (exiting there changes nothing)."""
+    return (run.exit_logits.argmax(-1) == run.full_logits.argmax(-1)).float()
+
+
+def exit_features_and_labels(
+    base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier training data from token rows idx (B, T), with the backbone frozen (eval mode, no grad).
+
+    Returns features (B*T, F) float32 as `exit_features` makes them, and labels (B*T,) float32 (`labels_of`).
+    """
+    run = exit_pass(base, idx, exit_layer, head_features=head_features)
+    return run.features.reshape(-1, run.features.size(-1)), labels_of(run).reshape(-1)
 
 
 def _loss_and_accuracy(classifier: nn.Module, features, labels, loss_fn) -> tuple[float, float]:
