@@ -50,6 +50,8 @@ def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
     assert any(r["status"] == "stopped by ASHA" for r in rows), rows
     assert (Path(summary["search"].csv_path)).read_text().startswith("trial,lr,best_val_loss,epochs_run,status")
 
+    # The trials ran 3 epochs and the fine-tune runs 2: a different recipe, so the fine-tune is trained.
+    assert summary["adopted_trial"] is None
     best = Path(summary["best_dir"])
     model = GPT.from_pretrained(str(best))
     assert math.isfinite(summary["metrics"]["best_val_loss"])
@@ -164,3 +166,21 @@ def test_a_search_whose_driver_was_killed_resumes_without_rerunning_finished_tri
     for name, text in lines_before.items():  # a trial finished before the kill is not run again
         assert (tune_dir / name / "result.json").read_text() == text
         assert [json.loads(line)["epoch"] for line in text.splitlines()] == [1, 2]
+
+    # The trials ran the fine-tune's own recipe (2 epochs, one worker), so the best one's best epoch is the fine-tuned
+    # model, byte for byte, with a fine-tune run of its own in MLflow holding the trial's epochs.
+    from mlflow.tracking import MlflowClient
+
+    best_trial = min(rows, key=lambda r: r["best_val_loss"])
+    assert summary["adopted_trial"] == best_trial["trial"] and summary["lr"] == best_trial["lr"]
+    exported = tune_dir / best_trial["trial"] / "best"
+    for file in ("model.safetensors", "config.json"):
+        assert (Path(summary["best_dir"]) / file).read_bytes() == (exported / file).read_bytes()
+    assert summary["metrics"]["best_val_loss"] == best_trial["best_val_loss"]
+    client = MlflowClient(mlflow_server)
+    final = client.get_run(summary["run_id"])
+    assert final.data.tags["from_search_trial"] == best_trial["trial"] and final.data.tags["kind"] == "finetune"
+    assert final.data.params["lr"] == str(best_trial["lr"])
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "val_loss")] == [1, 2]
+    [version] = client.search_model_versions("name='gpt2-resumed-search-finetuned'")
+    assert int(version.tags["tokens_seen"]) > 0

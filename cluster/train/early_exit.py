@@ -48,7 +48,6 @@ from cluster.runtime.tracking import RunLogger
 from cluster.train.worker import Worker, worker_threads
 from gpt2 import GPT
 from gpt2.checkpoint import add_tokenizer_files, atomic_directory, resolve_hub_name
-from gpt2.config import IGNORE_INDEX
 from gpt2.data import ShardedTokenLoader
 from gpt2.early_exit import (
     EXIT_CONFIG_FILE,
@@ -101,13 +100,10 @@ def features_and_labels(
     """Classifier data (N, F), (N,) from token batches, one row per position whose target is not masked (the
     validation split's last window of a shard repeats positions that an earlier window covered)."""
     device = base.transformer.wte.weight.device
-    features, labels = [], []
-    for x, y in batches:
-        f, label = exit_features_and_labels(base, x.to(device), exit_layer, head_features=head_features)
-        keep = (y != IGNORE_INDEX).flatten().to(device)  # (B*T,)
-        features.append(f[keep])
-        labels.append(label[keep])
-    return torch.cat(features), torch.cat(labels)
+    rows = [exit_features_and_labels(base, x.to(device), exit_layer, head_features=head_features, targets=y)
+            for x, y in batches]
+    features, labels = (torch.cat(parts) for parts in zip(*rows))
+    return features, labels
 
 
 # ---------------------------------------------------------------------------------------------------- calibration

@@ -6,6 +6,9 @@ because a trial on this scale (a small domain corpus, a few epochs) fits one wor
 trial would add a worker group and a controller per trial (seconds of start-up each, and a CPU apiece that a 2-core
 machine does not have) for no parallelism inside the trial. The final run is a TorchTrainer so it scales to DDP
 over many GPUs with `scaling.num_workers`.
+
+When a trial already ran the final fine-tune's recipe (the same epochs, on one CPU worker), its best epoch *is* that
+fine-tune: the job adopts it (`adopt_trial`) instead of training the same model a second time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +29,10 @@ import torch
 from cluster.config import build, flatten, to_dict
 from cluster.config.finetune import FinetuneConfig
 from cluster.runtime.models import load_model
-from cluster.runtime.tracking import RunLogger, run_tags
+from cluster.runtime.tracking import RunLogger, read_metrics, run_tags
 from cluster.train import launcher
 from cluster.train.worker import Worker, worker_threads
+from gpt2.checkpoint import atomic_directory
 from gpt2.finetune_data import EarlyStopping, PackedSequences, encode_documents, pack_documents, split_documents
 from gpt2.train import TrainConfig, evaluate_loss, make_optimizer, train_step
 
@@ -95,6 +100,10 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
+EPOCH_METRICS = ("train_loss", "val_loss", "best_val_loss", "best_epoch", "epochs_since_best", "stopped_early",
+                 "tokens_seen")  # what each epoch logs to MLflow (and reports, with "epoch")
+
+
 def finetune_loop(config: dict) -> None:
     """Epochs of fine-tuning at config["lr"]; reports val_loss per epoch (Tune: ASHA's signal; Train: the run)."""
     cfg = build(FinetuneConfig, config["finetune"])
@@ -133,6 +142,9 @@ def finetune_loop(config: dict) -> None:
     trained = worker.wrap(model)
     _, amp = worker.autocast(cfg.train.autocast)
     logger = _trial_logger(config, cfg, lr) if worker.is_main else None
+    best_dir = config.get("best_dir")
+    if config["session"] == "tune" and config.get("export_best"):
+        best_dir = str(Path(ray.tune.get_context().get_trial_dir()) / BEST)
 
     for epoch in range(start_epoch, epochs):
         batches = _epoch_batches(data.train, B, steps_per_epoch, worker, seed=cfg.train.seed + epoch)
@@ -151,15 +163,15 @@ def finetune_loop(config: dict) -> None:
             "tokens_seen": (epoch + 1) * steps_per_epoch * tcfg.total_batch_tokens,
         }
         if logger:
-            logger.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            logger.log_metrics({k: float(metrics[k]) for k in EPOCH_METRICS}, step=epoch + 1)
             if worker.session == "train":  # a search's trials report through Tune's own table instead
                 print(f"epoch {epoch + 1}/{epochs} | train_loss {metrics['train_loss']:.4f} | val_loss {val_loss:.4f}",
                       flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             directory = None
             if worker.is_main:
-                if verdict.is_best and config.get("best_dir"):
-                    _export_best(model, cfg, Path(config["best_dir"]))
+                if verdict.is_best and best_dir:
+                    _export_best(model, cfg, Path(best_dir))
                 directory = tmp
                 torch.save(
                     {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -183,13 +195,16 @@ def _epoch_batches(packed: PackedSequences, B: int, steps: int, worker: Worker, 
     return iter((packed.inputs[rows], packed.targets[rows]) for rows in mine)
 
 
+BEST, ADAPTERS = "best", "best_adapters"  # the best epoch's model, and beside it (LoRA) its adapters
+
+
 def _export_best(model, cfg: FinetuneConfig, best_dir: Path) -> None:
-    """The best epoch's model as a plain checkpoint (LoRA merged in, adapters saved beside it)."""
+    """The best epoch's model as a plain checkpoint (LoRA merged in, adapters saved beside it as ADAPTERS)."""
     if cfg.train.mode == "lora":
         from gpt2.lora import merge_lora, save_adapters
 
         merge_lora(model).save_pretrained(str(best_dir))
-        save_adapters(model, best_dir.parent / "best_adapters", base_model=cfg.model.source)
+        save_adapters(model, best_dir.parent / ADAPTERS, base_model=cfg.model.source)
     else:
         model.save_pretrained(str(best_dir))
 
@@ -220,6 +235,19 @@ class SearchResult:
     best_val_loss: float
     rows: list[dict]  # trial, lr, best_val_loss, epochs_run, status
     csv_path: Path
+    best_trial: Path  # the best trial's directory; holds BEST when the trials exported their best epochs
+    best_history: list[dict]  # the best trial's reports, one per epoch (finetune_loop's metrics)
+    best_status: str
+
+
+REUSABLE = ("completed", "early-stopped (patience)")  # trials that ran the whole recipe (ASHA cut the others short)
+
+
+def trials_run_the_finetune(cfg: FinetuneConfig) -> bool:
+    """Whether a search trial trains exactly what the final fine-tune would: the same epochs (so the same schedule
+    and early stopping) on one CPU process, as the trials do. Then the best trial's best epoch is the fine-tuned
+    model, and training it again would only repeat the work (and its float rounding)."""
+    return cfg.search.epochs == cfg.train.epochs and cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu
 
 
 def _abs_config(cfg: FinetuneConfig) -> dict:
@@ -243,6 +271,7 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
     space = ray.tune.grid_search(list(s.lrs)) if s.num_samples == 0 else ray.tune.loguniform(s.low, s.high)
     param_space = {
         "lr": space, "epochs": s.epochs, "session": "tune", "data": data_ref, "finetune": _abs_config(cfg),
+        "export_best": trials_run_the_finetune(cfg),
         "threads": worker_threads(0, s.cpus_per_trial),
         "tracking": {"uri": parent.uri, "parent_run_id": parent.run_id, "search_dir": str(search_dir)}
         if parent.run_id else None,
@@ -269,7 +298,7 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
                                           failure_config=ray.tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     grid = tuner.fit()
-    rows = []
+    rows, results = [], {}
     for result in grid:
         history = result.metrics_dataframe
         epochs_run = int(result.metrics.get("epoch", 0)) if result.metrics else 0
@@ -284,6 +313,7 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
             status = "completed"
         rows.append({"trial": Path(result.path).name, "lr": float(result.config["lr"]), "best_val_loss": best,
                      "epochs_run": epochs_run, "status": status})
+        results[rows[-1]["trial"]] = result
     rows.sort(key=lambda r: r["lr"])
     finished = [r for r in rows if not math.isnan(r["best_val_loss"])]
     if not finished:
@@ -298,7 +328,37 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
     parent.log_metrics({"best_lr": best["lr"], "best_val_loss": best["best_val_loss"]}, step=0)
     parent.log_artifact(csv_path)
     parent.close()
-    return SearchResult(best["lr"], best["best_val_loss"], rows, csv_path)
+    winner = results[best["trial"]]
+    # One row per epoch (a trial restarted from its epoch checkpoint reports the later epochs again: keep the last).
+    epochs = {int(r["epoch"]): r for r in winner.metrics_dataframe.to_dict("records")}
+    history = [{"epoch": e, **{k: float(epochs[e][k]) for k in EPOCH_METRICS}} for e in sorted(epochs)]
+    return SearchResult(best["lr"], best["best_val_loss"], rows, csv_path, Path(winner.path), history, best["status"])
+
+
+def adopt_trial(cfg: FinetuneConfig, search: SearchResult, tracking_uri: str | None = None) -> dict | None:
+    """Make the best trial's exported best epoch the fine-tune's result, when that trial ran the fine-tune's recipe
+    to its end: copy it to <run>/best (and its LoRA adapters), and give the fine-tune its own MLflow run holding the
+    trial's per-epoch metrics. Returns the last epoch's metrics, as a Train run's result would, or None when the
+    search could not stand in for the fine-tune (then it must be trained)."""
+    exported = search.best_trial / BEST
+    if not (trials_run_the_finetune(cfg) and search.best_status in REUSABLE and (exported / "config.json").is_file()):
+        return None
+    run_dir = Path(cfg.run_dir()).resolve()
+    for name in (BEST, ADAPTERS) if cfg.train.mode == "lora" else (BEST,):
+        with atomic_directory(run_dir / name, create=False) as tmp:
+            shutil.copytree(search.best_trial / name, tmp)
+    s = cfg.scaling
+    logger = RunLogger(
+        run_dir, experiment=cfg.run.experiment, run_name=cfg.run.name, uri=tracking_uri,
+        params={"lr": search.best_lr, **flatten(_abs_config(cfg))},
+        tags={**run_tags(cfg.run.name, s.num_workers, s.use_gpu), "kind": "finetune",
+              "from_search_trial": search.best_trial.name},
+    )
+    if not read_metrics(run_dir):  # a job re-run after a crash has logged them already
+        for m in search.best_history:
+            logger.log_metrics({k: float(m[k]) for k in EPOCH_METRICS}, step=int(m["epoch"]))
+    logger.close()
+    return search.best_history[-1]
 
 
 def run_finetune(cfg: FinetuneConfig, lr: float, data_ref, tracking_uri: str | None = None) -> ray.train.Result:
@@ -371,12 +431,20 @@ def run(cfg: FinetuneConfig, *, search: bool, tracking_uri: str | None = None) -
     if result:
         print(_table(result.rows))
         print(f"best learning rate: {lr:g} (val loss {result.best_val_loss:.4f}); results in {result.csv_path}")
-    fit = run_finetune(cfg, lr, data_ref, tracking_uri)
-    if fit.error:
-        raise RuntimeError(f"the fine-tune failed: {fit.error}")
-    summary = finish_run(cfg, lr, result, tracking_uri, fit.metrics)
+    last = adopt_trial(cfg, result, tracking_uri) if result else None
+    adopted = last is not None
+    if adopted:
+        print(f"the fine-tune is the best trial's best epoch ({result.best_trial.name}): the trial trained the same "
+              f"recipe ({cfg.train.epochs} epochs at lr {lr:g}, one worker), so it is not trained again")
+    else:
+        fit = run_finetune(cfg, lr, data_ref, tracking_uri)
+        if fit.error:
+            raise RuntimeError(f"the fine-tune failed: {fit.error}")
+        last = fit.metrics
+    summary = finish_run(cfg, lr, result, tracking_uri, last)
     summary["search"] = result
-    summary["metrics"] = fit.metrics
+    summary["metrics"] = last
+    summary["adopted_trial"] = result.best_trial.name if adopted else None  # None: trained by run_finetune
     return summary
 
 

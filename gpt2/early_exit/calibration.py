@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gpt2.config import IGNORE_INDEX
 from gpt2.early_exit.model import EarlyExitGPT
-from gpt2.early_exit.training import exit_pass, frozen
+from gpt2.early_exit.training import classifier_rows, exit_pass, frozen
 from gpt2.model import GPT
 
 
@@ -55,8 +55,7 @@ class HeldOut(NamedTuple):
 
     def features_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's data (N, F), (N,) at the valid positions, as gpt2.early_exit.exit_features_and_labels."""
-        valid = self.valid
-        return self.features[valid], (self.exit_pred == self.full_pred)[valid].float()
+        return classifier_rows(self.features, self.exit_pred, self.full_pred, self.targets)
 
 
 def held_out(

@@ -221,7 +221,8 @@ class EarlyExitGPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V), (B, 1, V) with last_only or (N, V) with logits_at, and the mean cross-entropy (None
         without targets), as GPT."""
-        check_logits_at(logits_at, idx, last_only, targets)
+        if targets is not None:  # forward_with_exits checks logits_at itself, but it never sees the targets
+            check_logits_at(logits_at, idx, last_only, targets)
         logits, _ = self.forward_with_exits(
             idx, kv_cache=kv_cache, last_only=last_only, logits_at=logits_at, threshold=threshold
         )

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn as nn
 
+from gpt2.config import IGNORE_INDEX
 from gpt2.early_exit.classifier import ExitClassifier, exit_features, exit_head
 from gpt2.early_exit.model import check_exit_layer
 from gpt2.model import GPT
@@ -52,20 +53,29 @@ def exit_pass(base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: b
     return ExitPass(h, exit_logits, logits, features)
 
 
-def labels_of(run: ExitPass) -> torch.Tensor:
-    """(B, T) float32: 1.0 where the exit head's argmax equals the full model's (exiting there changes nothing)."""
-    return (run.exit_logits.argmax(-1) == run.full_logits.argmax(-1)).float()
+def classifier_rows(
+    features: torch.Tensor, exit_pred: torch.Tensor, full_pred: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's rows from one pass's (B, T) figures: features (N, F) and labels (N,) float32, 1.0 where the
+    exit head's argmax equals the full model's (exiting there changes nothing). One row per position, or, given the
+    (B, T) targets, per position whose target counts (IGNORE_INDEX marks the others)."""
+    labels = (exit_pred == full_pred).float()
+    if targets is None:
+        return features.reshape(-1, features.size(-1)), labels.reshape(-1)
+    keep = (targets != IGNORE_INDEX).to(labels.device)
+    return features[keep], labels[keep]
 
 
 def exit_features_and_labels(
-    base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: bool = True
+    base: GPT, idx: torch.Tensor, exit_layer: int, *, head_features: bool = True, targets: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifier training data from token rows idx (B, T), with the backbone frozen (eval mode, no grad).
 
-    Returns features (B*T, F) float32 as `exit_features` makes them, and labels (B*T,) float32 (`labels_of`).
+    Returns features (N, F) float32 as `exit_features` makes them and labels (N,) float32 (`classifier_rows`): one
+    per position, or per position whose target counts when targets (B, T) are given.
     """
     run = exit_pass(base, idx, exit_layer, head_features=head_features)
-    return run.features.reshape(-1, run.features.size(-1)), labels_of(run).reshape(-1)
+    return classifier_rows(run.features, run.exit_logits.argmax(-1), run.full_logits.argmax(-1), targets)
 
 
 def _loss_and_accuracy(classifier: nn.Module, features, labels, loss_fn) -> tuple[float, float]:
