@@ -142,7 +142,21 @@ def test_the_time_left_comes_from_the_step_durations_not_from_when_the_lines_arr
 
 
 def test_a_resumed_run_restarts_the_time_estimate():
-    """After a worker restart the steps start again from the checkpoint: the pace is measured anew."""
-    shown, _, _ = watch([f"{WORKER}step {s}/10 | loss 5.0 | 10000 ms | 1 tokens/s" for s in (1, 2, 3, 2, 3, 4)])
+    """After a worker restart (a new worker process) the steps start again from the checkpoint: the pace is measured
+    anew."""
+    restarted = WORKER.replace("29493", "29611")
+    shown, _, _ = watch([f"{worker}step {s}/10 | loss 5.0 | 10000 ms | 1 tokens/s"
+                         for worker, s in [(WORKER, 1), (WORKER, 2), (WORKER, 3), (restarted, 2), (restarted, 3),
+                                           (restarted, 4)]])
     assert [line.rsplit("| ", 1)[-1] for line in shown] == [
         "1 tokens/s", "ETA 1m20s", "ETA 1m10s", "1 tokens/s", "ETA 1m10s", "ETA 1m00s"]
+
+
+def test_a_copy_of_a_step_line_is_dropped_when_another_actors_line_comes_between():
+    """Ray delivered `step 46` again after another worker's checkpoint line: shown once, and the time estimate goes on
+    (a step count that goes back would otherwise read as a resumed run)."""
+    other = f"{ESC}[36m(RayTrainWorker pid=29494){ESC}[0m Checkpoint successfully created at: Checkpoint(path=/runs/x)"
+    steps = [f"{WORKER}step {s}/10 | loss 5.0 | 10000 ms | 1 tokens/s" for s in (1, 2, 3)]
+    shown, log, _ = watch([steps[0], steps[1], other, steps[1], steps[2], steps[2]])
+    assert [line.rsplit("| ", 1)[-1] for line in shown] == ["1 tokens/s", "ETA 1m20s", "ETA 1m10s"]
+    assert log.count("step 2/10") == 2  # the log file keeps every line as delivered

@@ -10,8 +10,8 @@ Shown: the pipeline's `[stage] ...` lines and the driver's own prints (summaries
 epoch as one line with an ETA; Ray Data's and Tune's progress when it moves; everything after
 `=== pipeline results ===`; `error:`/`WARNING:` lines and Python tracebacks in full. Hidden: Ray log records
 (timestamped INFO/WARNING/ERROR lines), Tune's trial tables and reports, progress bars, what actors print besides
-steps, errors and tracebacks, and the copy of a line Ray sometimes delivers twice. When the job fails, the last lines
-of its output are shown whatever they are.
+steps, errors and tracebacks, and the copy of a line Ray sometimes delivers twice (even with another actor's line
+between). When the job fails, the last lines of its output are shown whatever they are.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Callable, TextIO
 
 RESULTS_MARKER = "=== pipeline results ==="
 FAILURE_TAIL = 60  # lines of the log shown when the job fails
+# Ray's log monitor can deliver an actor's line twice, and another actor's line can come in between (a checkpoint
+# report beside a step line): a line from an actor is a copy when it is among the last few seen.
+RECENT_ACTOR_LINES = 8
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SOURCE = re.compile(r"^\((?P<source>[^)]*pid=\d+[^)]*)\)\s?")  # "(RayTrainWorker pid=29493) " or ", ip=..."
@@ -60,6 +63,7 @@ class JobConsole:
         self.log, self.show, self.clock = log, show, clock
         self.job_id: str | None = None
         self._previous: str | None = None
+        self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_ACTOR_LINES)
         self._results = False  # past RESULTS_MARKER: the driver's lines are the summary
         self._traceback = False
         self._step_started: tuple[float, int] | None = None  # (time, step) of the first step line of a run
@@ -72,11 +76,13 @@ class JobConsole:
     def feed(self, raw: str) -> None:
         line = ANSI.sub("", raw.rstrip("\n"))
         self.log.write(line + "\n")
-        if line == self._previous:  # Ray's log monitor can deliver an actor's line twice
+        match = SOURCE.match(line)
+        if line == self._previous or (match and line in self._recent):  # a copy Ray delivered again
             return
         self._previous = line
+        if match:
+            self._recent.append(line)
         self._tail.append(line)
-        match = SOURCE.match(line)
         source, text = (match["source"], line[match.end():]) if match else (None, line)
         if job := JOB_ID.search(text):
             self.job_id = job["id"]
