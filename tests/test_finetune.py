@@ -87,6 +87,45 @@ def test_lora_finetune_keeps_the_base_and_merges(ray_session, mlflow_server, dom
     assert changed and all("attn.c_attn" in n for n in changed)  # only the adapted projections moved
 
 
+def test_a_lora_trial_is_adopted_with_its_adapters_and_a_trial_of_another_recipe_is_not(
+    mlflow_server, domain, tmp_path
+):
+    """adopt_trial on a LoRA trial's export (no Ray needed: the trial directory is what a Tune trial leaves)."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster.train.finetune import SearchResult, _export_best, adopt_trial
+    from gpt2.lora import apply_lora
+
+    cfg = config(domain, tmp_path, "train.mode=lora", "lora.rank=4", "search.epochs=2", "run.name=adopted-lora")
+    model = apply_lora(GPT.from_pretrained(str(domain / "base")), cfg.lora.build())
+    with torch.no_grad():  # adapters that change the merged weights
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    trial = tmp_path / "tune" / "trial_0"
+    _export_best(model, cfg, trial / "best")
+    history = [{"epoch": e, "train_loss": 4.0, "val_loss": 5.0 - e, "best_val_loss": 5.0 - e, "best_epoch": e,
+                "epochs_since_best": 0, "stopped_early": 0.0, "tokens_seen": 128 * e} for e in (1, 2)]
+
+    def searched(status: str) -> SearchResult:
+        return SearchResult(1e-3, 3.0, [], tmp_path / "results.csv", trial, history, status)
+
+    run_dir = Path(cfg.run_dir())
+    assert adopt_trial(cfg, searched("stopped by ASHA"), mlflow_server) is None  # it did not run the whole recipe
+    for other in ("search.epochs=3", "scaling.num_workers=2"):  # the fine-tune would train something else
+        assert adopt_trial(config(domain, tmp_path, "train.mode=lora", "lora.rank=4", other), searched("completed"),
+                           mlflow_server) is None
+    assert not (run_dir / "best").exists()
+
+    assert adopt_trial(cfg, searched("early-stopped (patience)"), mlflow_server) == history[-1]
+    for folder, file in (("best", "model.safetensors"), ("best_adapters", "adapter_model.safetensors")):
+        assert (run_dir / folder / file).read_bytes() == (trial / folder / file).read_bytes()
+    client = MlflowClient(mlflow_server)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).data.tags["from_search_trial"] == "trial_0"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [(1, 4.0), (2, 3.0)]
+
+
 def test_bad_finetune_configs_fail_before_any_worker(domain, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "plain.txt").write_text("no tags in here\n")
