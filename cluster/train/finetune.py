@@ -347,18 +347,22 @@ def adopt_trial(cfg: FinetuneConfig, search: SearchResult, tracking_uri: str | N
     for name in (BEST, ADAPTERS) if cfg.train.mode == "lora" else (BEST,):
         with atomic_directory(run_dir / name, create=False) as tmp:
             shutil.copytree(search.best_trial / name, tmp)
-    s = cfg.scaling
     logger = RunLogger(
         run_dir, experiment=cfg.run.experiment, run_name=cfg.run.name, uri=tracking_uri,
         params={"lr": search.best_lr, **flatten(_abs_config(cfg))},
-        tags={**run_tags(cfg.run.name, s.num_workers, s.use_gpu), "kind": "finetune",
-              "from_search_trial": search.best_trial.name},
+        tags={**_finetune_tags(cfg), "from_search_trial": search.best_trial.name},
     )
     if not read_metrics(run_dir):  # a job re-run after a crash has logged them already
         for m in search.best_history:
             logger.log_metrics({k: float(m[k]) for k in EPOCH_METRICS}, step=int(m["epoch"]))
     logger.close()
     return search.best_history[-1]
+
+
+def _finetune_tags(cfg: FinetuneConfig) -> dict[str, str]:
+    """The fine-tune run's MLflow tags, whether Ray Train trains it or a search trial is adopted."""
+    s = cfg.scaling
+    return {**run_tags(cfg.run.name, s.num_workers, s.use_gpu), "kind": "finetune"}
 
 
 def run_finetune(cfg: FinetuneConfig, lr: float, data_ref, tracking_uri: str | None = None) -> ray.train.Result:
@@ -369,9 +373,9 @@ def run_finetune(cfg: FinetuneConfig, lr: float, data_ref, tracking_uri: str | N
         finetune_loop,
         {
             "lr": lr, "epochs": cfg.train.epochs, "session": "train", "data": data_ref, "finetune": _abs_config(cfg),
-            "threads": worker_threads(s.threads_per_worker, s.cpus_per_worker), "best_dir": str(run_dir / "best"),
+            "threads": worker_threads(s.threads_per_worker, s.cpus_per_worker), "best_dir": str(run_dir / BEST),
             "tracking": {"run_dir": str(run_dir),  # the URI: the launcher's "tracking_uri"
-                         "tags": {**run_tags(cfg.run.name, s.num_workers, s.use_gpu), "kind": "finetune"}},
+                         "tags": _finetune_tags(cfg)},
         },
         scaling=s, run=cfg.run, run_dir=str(run_dir), keep_checkpoints=1, tracking=tracking_uri,
     )
@@ -401,7 +405,7 @@ def finish_run(
     """After training: samples, the search table, the registered model, all logged into the fine-tune's MLflow run.
     `last`: the metrics of the last epoch, from which the best epoch's token count follows."""
     run_dir = Path(cfg.run_dir()).resolve()
-    best = run_dir / "best"
+    best = run_dir / BEST
     if not (best / "config.json").is_file():
         raise RuntimeError(f"the fine-tune did not export a best model to {best}")
     samples = write_samples(cfg, best)
@@ -411,7 +415,7 @@ def finish_run(
         logger.log_artifact(search.csv_path)
         logger.set_tags({"lr_search_best_lr": str(search.best_lr)})
     if cfg.train.mode == "lora":
-        logger.log_artifact(run_dir / "best_adapters", "adapters")
+        logger.log_artifact(run_dir / ADAPTERS, "adapters")
     # Every epoch trains on the same number of tokens; the exported model is the best epoch's.
     tokens_seen = int(last["tokens_seen"]) // int(last["epoch"]) * int(last["best_epoch"])
     model_uri = logger.log_model(best, "finetuned", registered_name=cfg.run.registered_model,
