@@ -10,8 +10,11 @@ text chunks when a server sends no usage.
 
 For each concurrency level C the client keeps C requests in flight (closed loop: each of C workers sends its next
 request when the previous one has finished) until `--requests-per-level` × C requests are done, on our server and
-then on the peer, and prints one table per level. Also printed: `gpt2.generate.generate` in this process at batch 1
-(the reference for the HTTP + Serve overhead) and the engine's mean decoding batch.
+then on the peer, and prints one table per level. Before the servers, the same variant is measured in this process,
+with no HTTP and no Ray: each level's prompts generated in one batch (`gpt2.generate`: the model on this machine)
+and the engine's closed loop with the level's requests (`serving.engine`). So each level also shows what the engine
+costs against one batch and what HTTP and Ray Serve cost against the engine. Also printed: `gpt2.generate` at batch 1
+and the served engine's mean decoding batch.
 
   python -m benchmarks.bench_serve                                   # this project's server only
   python -m benchmarks.bench_serve --model-dir DIR --peer-url http://127.0.0.1:8100   # DIR: what the peer serves
@@ -37,6 +40,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.engine_load import closed_loop as closed_loop_in_process
+from benchmarks.engine_load import on_own_thread
 from cluster.runtime.ray_env import init_ray
 from gpt2 import GPT, preset
 from gpt2.generate import generate
@@ -226,22 +231,58 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+@dataclass
+class InProcessLevel:
+    """One concurrency level of the variant our server loads, measured in this process (no HTTP, no Ray)."""
+
+    concurrency: int
+    batch_tokens_per_s: float  # gpt2.generate with C prompts in one batch: what the model gives on this machine
+    engine_tokens_per_s: float  # serving.engine, a closed loop of C requests: continuous batching alone
+    engine_ttft_p50_s: float
+
+
+@dataclass
+class InProcess:
+    batch1_tokens_per_s: float  # gpt2.generate, one prompt at a time, `repeats` of them
+    levels: list[InProcessLevel]
+
+
 def in_process(
-    model_dir: Path, dtype: str, quantize: str, tokens: int, threads: int, repeats: int, max_batch: int
-) -> float:
-    """Tokens/s of `gpt2.generate.generate`, batch 1, greedy, in this process, on the model the server loads."""
+    model_dir: Path, dtype: str, quantize: str, *, tokens: int, threads: int, repeats: int, levels: list[int],
+    requests_per_level: int, max_batch: int,
+) -> InProcess:
+    """The variant our server loads, in this process: per level, the level's prompts generated in one batch and the
+    engine's closed loop with the same requests as the served level. Served ÷ engine is what HTTP and Ray Serve
+    cost; engine ÷ one batch is what continuous batching costs (requests that come and go, prefills between
+    decoding steps)."""
+    from serving.engine import DecodeEngine, DecodingThread
     from serving.variants import VariantSpec, load_variant
 
-    torch.set_num_threads(threads)
     spec = VariantSpec("reference", str(model_dir), dtype=dtype, quantize=quantize)
-    model = load_variant(spec, torch.device("cpu"), max_batch=max_batch)
+    # Everything computes on the engine's thread, as in the server's replica: a second thread that ran parallel work
+    # would keep an OpenMP team of its own and slow every step (serving.engine.DecodingThread says why).
+    thread = DecodingThread(threads, name="bench-in-process", private=True)
+    model = thread.call(lambda: load_variant(spec, torch.device("cpu"), max_batch=max_batch))
     enc = get_tokenizer()
-    generate(model, enc.encode(PROMPTS[0]), 4, temperature=0)  # warm-up
-    start, produced = time.perf_counter(), 0
-    for i in range(repeats):
-        prompt = enc.encode(PROMPTS[i % len(PROMPTS)])
-        produced += len(generate(model, prompt, tokens, temperature=0, stop_at_eot=False)[0])
-    return produced / (time.perf_counter() - start)
+    prompts = [enc.encode(request_body("", i, tokens)["prompt"]) for i in range(max(levels))]
+
+    def generated_per_s(batch: list[list[int]], times: int) -> float:
+        start, produced = time.perf_counter(), 0
+        for _ in range(times):
+            produced += sum(map(len, generate(model, batch, tokens, temperature=0, stop_at_eot=False)))
+        return produced / (time.perf_counter() - start)
+
+    thread.call(lambda: generate(model, prompts[:1], 4, temperature=0))  # warm-up
+    batch1 = thread.call(lambda: generated_per_s(prompts[:1], repeats))
+    batches = {c: thread.call(lambda c=c: generated_per_s(prompts[:c], 1)) for c in levels}
+    engine = DecodeEngine(model, max_batch=max_batch, max_pending=max(levels), name="in-process", thread=thread)
+    try:
+        closed_loop_in_process(engine, prompts, 1, 1, min(tokens, 8))  # warm-up
+        loads = {c: closed_loop_in_process(engine, prompts, c, requests_per_level * c, tokens) for c in levels}
+    finally:
+        engine.close()  # its thread, private to it, ends too, and with it the thread's OpenMP team
+    return InProcess(batch1, [InProcessLevel(c, batches[c], loads[c].tokens_per_s, loads[c].ttft_p50_s)
+                              for c in levels])
 
 
 # ---------------------------------------------------------------- report
@@ -271,6 +312,29 @@ def print_level(rows: list[LevelResult], tokens: int, peer: LevelResult | None) 
     for r in rows:
         for e in r.error_samples:
             print(f"  ! {r.server}: {e}")
+
+
+def _local_level(local: dict[str, InProcess], row: LevelResult) -> InProcessLevel | None:
+    """The in-process figures of a served row's variant at its level (None for the peer's rows)."""
+    measured = local.get(row.server)
+    return next((x for x in measured.levels if x.concurrency == row.concurrency), None) if measured else None
+
+
+def print_breakdown(local: dict[str, InProcess], results: list[LevelResult]) -> None:
+    """Where the time goes, per variant and level: the model in one batch and the engine (both in this process, no
+    HTTP, no Ray), then the server; TTFT p50 of the engine and of the server."""
+    print("\nwhere the time goes, tokens/s (in this process: the level's prompts in one batch, the engine; then served):"
+          "\nengine/batch is what continuous batching costs, served/engine what HTTP and Ray Serve cost")
+    print(f"  {'server':<22} {'C':>3} {'one batch':>10} {'engine':>8} {'served':>8} {'engine/batch':>13} "
+          f"{'served/engine':>14} {'TTFT engine s':>14} {'TTFT served s':>14}")
+    for r in results:
+        here = _local_level(local, r)
+        if here is not None:
+            print(f"  {r.server:<22} {r.concurrency:>3} {here.batch_tokens_per_s:>10.1f} "
+                  f"{here.engine_tokens_per_s:>8.1f} {r.tokens_per_s:>8.1f} "
+                  f"{_ratio(here.engine_tokens_per_s, here.batch_tokens_per_s):>13} "
+                  f"{_ratio(r.tokens_per_s, here.engine_tokens_per_s):>14} {here.engine_ttft_p50_s:>14.3f} "
+                  f"{_f(r.ttft_p50_s, '14.3f'):>14}")
 
 
 # ---------------------------------------------------------------- main
@@ -316,8 +380,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir is None:
             model_dir = Path(tmp) / "gpt2-124m"
-            torch.manual_seed(0)
-            GPT(preset("gpt2")).save_pretrained(str(model_dir))
+            on_own_thread(lambda: random_checkpoint(model_dir))  # its OpenMP team ends with that thread
         else:
             model_dir = args.model_dir.resolve()
         report = run(args, levels, model_dir, peer_url, peer_model, peer)
@@ -325,6 +388,11 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
+
+
+def random_checkpoint(path: Path) -> None:
+    torch.manual_seed(0)
+    GPT(preset("gpt2")).save_pretrained(str(path))
 
 
 def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_model: str | None, peer: dict) -> dict:
@@ -350,10 +418,13 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
           f"max_batch {max_batch}, stream_batch_ms {stream_batch_ms:g}; figures depend on what else runs on the "
           "machine", flush=True)
 
-    repeats = args.reference_repeats
-    reference = {ours_label: in_process(model_dir, args.dtype, "none", args.tokens, args.threads, repeats, max_batch)}
+    print("measuring in this process first (no HTTP, no Ray): each level's prompts in one batch, then the engine",
+          flush=True)
+    same = {"tokens": args.tokens, "threads": args.threads, "repeats": args.reference_repeats, "levels": levels,
+            "requests_per_level": args.requests_per_level, "max_batch": max_batch}
+    local = {ours_label: in_process(model_dir, args.dtype, "none", **same)}
     if args.int8:
-        reference["ours int8"] = in_process(model_dir, "fp32", "int8", args.tokens, args.threads, repeats, max_batch)
+        local["ours int8"] = in_process(model_dir, "fp32", "int8", **same)
 
     variants = {OURS: {"source": str(model_dir), "dtype": args.dtype}}
     if args.int8:  # int8 dynamic quantization computes from fp32 weights
@@ -395,13 +466,13 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     finally:
         ray_serve.shutdown()
 
+    print_breakdown(local, results)
     print()
-    for label, tps in reference.items():
-        print(f"in-process gpt2.generate.generate, batch 1, {label.removeprefix('ours ')}: {tps:.1f} tokens/s")
+    for label, measured in local.items():
+        print(f"in-process gpt2.generate.generate, batch 1, {label.removeprefix('ours ')}: "
+              f"{measured.batch1_tokens_per_s:.1f} tokens/s")
     single = next((r for r in results if r.server == ours_label and r.concurrency == 1 and r.tokens), None)
     if single:
-        print(f"HTTP + Serve overhead at concurrency 1 ({ours_label}): "
-              f"{100 * (1 - single.tokens_per_s / reference[ours_label]):.1f}% (goal <= 15%)")
         eight = next((r for r in results if r.server == ours_label and r.concurrency == 8), None)
         if eight:
             print(f"batched decoding, concurrency 8 vs 1 ({ours_label}): "
@@ -420,7 +491,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
                      "requests_per_level": args.requests_per_level, "max_batch": max_batch,
                      "threads": args.threads, "stream_batch_ms": stream_batch_ms, "temperature": 0, "stream": True},
         "peer": {"url": peer_url, "model": peer_model, **peer} if peer_url else None,
-        "in_process_batch1_tokens_per_s": reference,
+        "in_process": {label: asdict(measured) for label, measured in local.items()},
         "levels": [asdict(r) for r in results],
         "ratios_ours_over_peer": [
             {"concurrency": r.concurrency, "server": r.server,

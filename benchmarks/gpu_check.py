@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import platform
-import queue
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gpt2 import GPT, get_tokenizer, preset  # noqa: E402 (after the path fix)
+from benchmarks.engine_load import closed_loop  # noqa: E402 (after the path fix)
+from gpt2 import GPT, get_tokenizer, preset  # noqa: E402
 from gpt2.cloze import cloze_examples  # noqa: E402
 from gpt2.config import EOT_TOKEN  # noqa: E402
 from gpt2.corpus import python_docs_documents  # noqa: E402
@@ -635,39 +635,6 @@ def decode_speed(run: Run, model: GPT, corpus: Corpus) -> None:
                       f"bound {fmt(bound)}: {fmt(run.bandwidth_tbps)} TB/s ÷ {weight_bytes / 1e6:.0f} MB", bound))
 
 
-def closed_loop(engine: DecodeEngine, prompts: list[list[int]], concurrency: int, requests: int, tokens: int) -> float:
-    """Generated tokens/s with `concurrency` requests always in flight (each finished one replaced) until `requests`
-    have finished."""
-    finished: queue.Queue[Finished] = queue.Queue()
-    counted = itertools.count()  # advanced on the engine thread only
-
-    def on_event(event: object) -> None:
-        if isinstance(event, Token):
-            next(counted)
-        elif isinstance(event, Finished):
-            finished.put(event)
-
-    params = SamplingParams(temperature=0, ignore_eos=True)
-    sent = 0
-
-    def submit() -> None:
-        nonlocal sent
-        engine.submit(prompts[sent % len(prompts)], tokens, params, on_event)
-        sent += 1
-
-    start = time.perf_counter()
-    for _ in range(min(concurrency, requests)):
-        submit()
-    for _ in range(requests):
-        event = finished.get(timeout=300)
-        if event.reason != "length":
-            raise RuntimeError(f"an engine request ended with {event.reason}: {event.error}")
-        if sent < requests:
-            submit()
-    elapsed = time.perf_counter() - start
-    return next(counted) / elapsed
-
-
 def engine_speed(run: Run, model: GPT, corpus: Corpus) -> None:
     """serving.engine's continuous batching in this process (no HTTP, no Ray Serve), greedy, fixed-length requests."""
     levels = run.plan.engine_levels
@@ -677,7 +644,7 @@ def engine_speed(run: Run, model: GPT, corpus: Corpus) -> None:
         closed_loop(engine, prompts, 1, 1, run.plan.engine_tokens)  # warm-up
         for c in levels:
             reset_peak_memory(run.device)
-            rate = closed_loop(engine, prompts, c, max(4, 2 * c), run.plan.engine_tokens)
+            rate = closed_loop(engine, prompts, c, max(4, 2 * c), run.plan.engine_tokens).tokens_per_s
             anchor, value = ("", None)
             if c == 1 and run.decode_tokens_per_s:
                 anchor, value = f"model.generate batch 1: {fmt(run.decode_tokens_per_s)}", run.decode_tokens_per_s
