@@ -41,7 +41,6 @@ import httpx
 import torch
 
 from benchmarks.engine_load import closed_loop as closed_loop_in_process
-from benchmarks.engine_load import on_own_thread
 from cluster.runtime.ray_env import init_ray
 from gpt2 import GPT, preset
 from gpt2.generate import generate
@@ -380,7 +379,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir is None:
             model_dir = Path(tmp) / "gpt2-124m"
-            on_own_thread(lambda: random_checkpoint(model_dir))  # its OpenMP team ends with that thread
+            from serving.model_pool import in_new_thread
+
+            # On a thread that ends with it, as the server loads models: its OpenMP team ends too.
+            asyncio.run(in_new_thread(random_checkpoint, model_dir))
         else:
             model_dir = args.model_dir.resolve()
         report = run(args, levels, model_dir, peer_url, peer_model, peer)

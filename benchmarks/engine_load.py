@@ -8,15 +8,11 @@ from __future__ import annotations
 import itertools
 import queue
 import statistics
-import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
 from gpt2.sampling import SamplingParams
 from serving.engine import DecodeEngine, Finished, Token
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,21 +60,3 @@ def closed_loop(
     elapsed = time.perf_counter() - start
     return EngineLoad(next(counted) / elapsed, statistics.median(ttfts))
 
-
-def on_own_thread(fn: Callable[[], T]) -> T:
-    """fn() run on a thread that ends with it, so the OpenMP team its parallel work starts ends too (see
-    serving.engine.DecodingThread for why a process that measures decoding should hold only one)."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # raised again in the caller's thread
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="bench-setup")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

@@ -9,7 +9,7 @@ import time
 import torch
 
 from benchmarks.bench_serve import in_process
-from benchmarks.engine_load import closed_loop, on_own_thread
+from benchmarks.engine_load import closed_loop
 from gpt2 import GPT, preset
 from serving.engine import DecodeEngine
 
@@ -25,16 +25,6 @@ def test_closed_loop_keeps_its_requests_in_flight_and_counts_every_token(tiny_mo
     assert stats["tokens_generated"] == 7 * 5  # end-of-text ignored: every request makes all its tokens
     assert stats["mean_batch"] > 1  # the requests shared decoding steps
     assert load.tokens_per_s > 0 and load.ttft_p50_s > 0
-
-
-def test_on_own_thread_returns_the_value_or_raises_the_error():
-    assert on_own_thread(lambda: threading.current_thread().name) == "bench-setup"
-    try:
-        on_own_thread(lambda: 1 / 0)
-    except ZeroDivisionError:
-        pass
-    else:
-        raise AssertionError("the error of fn was not raised in the caller")
 
 
 def test_in_process_measures_every_level_and_ends_its_decoding_thread(tmp_path):
