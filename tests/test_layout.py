@@ -1,5 +1,5 @@
 """The package layout holds: imports go down the layers only, modules import without cycles and without side effects
-on the environment, and every job is both a script and an installed command."""
+on the environment, every job is both a script and an installed command, and every benchmark runs as a script."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,36 @@ def test_every_ray_connection_goes_through_init_ray():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"):
                 calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert calls and all(c.startswith("cluster/runtime/ray_env.py:") for c in calls), calls
+
+
+def _benchmark_scripts() -> list[Path]:
+    """The runnable files of benchmarks/ (those with a __main__ block; engine_load is a module they share)."""
+    return [p for p in sorted((ROOT / "benchmarks").glob("*.py")) if '__name__ == "__main__"' in p.read_text()]
+
+
+def test_every_benchmark_runs_as_a_script_from_anywhere():
+    """`python benchmarks/X.py --help`, from any directory, prints the usage and exits 0 without measuring anything,
+    as `python -m benchmarks.X --help` does (the benchmarks package is installed with the others, so a benchmark
+    that imports another one needs no path fix)."""
+    scripts = _benchmark_scripts()
+    assert {p.stem for p in scripts} >= {"run_all", "bench_serve", "bench_model", "gpu_check"}
+
+    def usage(path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        return path, subprocess.run([sys.executable, str(path), "--help"], cwd="/", capture_output=True, text=True,
+                                    timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each imports torch: two at a time on a 2-core machine
+        for path, out in pool.map(usage, scripts):
+            assert out.returncode == 0 and out.stdout.startswith("usage:"), (
+                f"`python {path.relative_to(ROOT)} --help` exited {out.returncode}:\n{out.stderr[-2000:]}")
+
+
+def test_run_all_takes_benchmark_names():
+    from benchmarks.run_all import BENCHMARKS, parse_args
+
+    assert parse_args([]).names == BENCHMARKS
+    assert parse_args(["serve", "bench_model"]).names == ["bench_serve", "bench_model"]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "serve", "nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no benchmark named 'nope'" in out.stderr and "bench_serve" in out.stderr
+    assert out.stdout == ""  # refused before any benchmark started
