@@ -29,6 +29,8 @@ from gpt2.hellaswag import (
     HELLASWAG_VAL_EXAMPLES,
     METHODS,
     PUBLISHED_BASELINES,
+    HellaSwagDownloadError,
+    HellaSwagFormatError,
     comparison_table,
     default_cache_dir,
     download_hellaswag,
@@ -154,14 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"created": started_at.isoformat(timespec="seconds"), "data": {}, "models": []}
     examples = []
     if not args.no_hellaswag:
-        path = Path(args.hellaswag) if args.hellaswag else download_hellaswag(args.cache_dir)
-        examples = load_hellaswag(path, limit=args.limit)
+        try:
+            path = Path(args.hellaswag) if args.hellaswag else download_hellaswag(args.cache_dir)
+            examples = load_hellaswag(path, limit=args.limit)
+        except (OSError, HellaSwagFormatError, HellaSwagDownloadError) as e:  # missing, unreadable, malformed, offline
+            sys.exit(f"error: HellaSwag: {e}")
         results["data"]["hellaswag"] = {"path": str(path), "sha256": file_sha256(path), "examples": len(examples)}
         if len(examples) != HELLASWAG_VAL_EXAMPLES:
             print(f"note: {len(examples)} HellaSwag examples; the published figures use all {HELLASWAG_VAL_EXAMPLES}")
     texts = {}
     for path in args.text:
-        texts[path.name] = text_tokens(path.read_text(encoding="utf-8"))
+        try:
+            texts[path.name] = text_tokens(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: --text {path}: {e}")
         results["data"][f"text/{path.name}"] = {"path": str(path), "tokens": len(texts[path.name]) - 1}
     for directory in args.shards:
         try:

@@ -35,6 +35,7 @@ from cluster.runtime.models import local_model_dir
 from cluster.train.early_exit import EARLY_EXIT, STANDARD, time_decoding, token_batches, validation_quality
 from gpt2.device import choose, describe
 from gpt2.early_exit import EXIT_CONFIG_FILE, load_early_exit
+from gpt2.hellaswag import load_hellaswag
 from gpt2.profile_layers import profile_layers, write_csv
 
 SUMMARY_COLUMNS = (
@@ -97,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"{directory}: no {EXIT_CONFIG_FILE}; train an exit classifier with jobs/train_early_exit.py"
             )
+        # Read before the minutes of profiling, so that a malformed file is named at once.
+        examples = load_hellaswag(args.hellaswag, limit=args.limit) if args.hellaswag else None
         device, dtype = choose(args.device, args.dtype)
         print(describe(device, dtype))
         early_exit = load_early_exit(directory, device=device, dtype=dtype)
-        return profile(args, early_exit, directory)
-    except (ValueError, FileNotFoundError) as e:  # bad model, device, lengths beyond the context, empty shards
+        return profile(args, early_exit, directory, examples)
+    except (ValueError, FileNotFoundError) as e:  # bad model, device, HellaSwag file, lengths, empty shards
         sys.exit(f"error: {e}")
 
 
-def profile(args: argparse.Namespace, early_exit, directory: Path) -> int:
+def profile(args: argparse.Namespace, early_exit, directory: Path, examples: list | None = None) -> int:
     from cluster.eval.plots import plot_layer_profiles
 
     standard = early_exit.base
@@ -138,7 +141,7 @@ def profile(args: argparse.Namespace, early_exit, directory: Path) -> int:
     timings = time_decoding(models, prompts, args.new_tokens)
     val = token_batches(args.shards, args.val_batch_size, seq_len, "val", args.val_batches)
     quality = validation_quality(early_exit, val, tau)
-    hellaswag = _hellaswag(models, args) if args.hellaswag else {name: {} for name in models}
+    hellaswag = _hellaswag(models, examples) if examples else {name: {} for name in models}
 
     rows = []
     for name in models:
@@ -159,11 +162,9 @@ def profile(args: argparse.Namespace, early_exit, directory: Path) -> int:
     return 0
 
 
-def _hellaswag(models: dict, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def _hellaswag(models: dict, examples: list) -> dict[str, dict[str, float]]:
     from cluster.eval.evaluation import EvalSettings, compute_metrics
-    from gpt2.hellaswag import load_hellaswag
 
-    examples = load_hellaswag(args.hellaswag, limit=args.limit)
     settings = EvalSettings(pool=None, progress=False)  # scored in this process, on the models' device
     return {name: compute_metrics(model, settings, hellaswag=examples) for name, model in models.items()}
 

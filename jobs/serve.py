@@ -50,6 +50,21 @@ def anchored(variant: str | dict, root: Path) -> str | dict:
     return spec
 
 
+def missing_here(variants: dict) -> dict[str, str]:
+    """The variants whose source is a path that does not exist on this machine, with that path. Variants load on
+    their first request, so the application starts without them (a checkpoint may still be training): until the
+    path exists where the model replica runs, their requests answer 503 naming it. Hub names and MLflow URIs are not
+    looked up here."""
+    from serving.variants import parse_variants
+
+    missing = {}
+    for name, spec in parse_variants(variants).items():
+        source = spec.resolved_source()
+        if Path(source).is_absolute() and not Path(source).exists():
+            missing[name] = source
+    return missing
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=PROJECT_ROOT / "serving" / "config.yaml", help="Serve config file")
@@ -91,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     keyed = bool(settings.get("api_key") or os.environ.get(API_KEY_ENV))
     print(f"application {name!r} is up with variants {sorted(variants)}")
+    for variant, path in missing_here(variants).items():
+        print(f"  not found:  {variant!r}: {path} does not exist on this machine; requests for {variant!r} answer 503 "
+              "until it does")
     print(f"  web page:   {base}/")
     print(f"  API:        {base}/v1  (OpenAI-compatible: /v1/completions, /v1/models)")
     print(f"  also:       {base}/tokenize, /detokenize, /tokenizer_info (as vLLM's), /metrics (Prometheus)")

@@ -29,6 +29,21 @@ def test_bad_keys_and_values_are_named(override, message):
         load(PretrainConfig, None, [override])
 
 
+def test_errors_name_the_file_or_the_command_line_whichever_holds_the_bad_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_lr: fast\n")
+    with pytest.raises(ConfigError, match=f"^{f}: train.max_lr: expected float"):
+        load(PretrainConfig, f)
+    with pytest.raises(ConfigError, match=f"^{f}: train.max_lr: expected float"):  # the file's error comes first
+        load(PretrainConfig, f, ["train.micro_batch=4"])
+    assert load(PretrainConfig, f, ["train.max_lr=1e-3"]).train.max_lr == 1e-3  # an override mends the file
+    f.write_text("train:\n  max_lr: 6e-4\n")
+    with pytest.raises(ConfigError, match=rf"^command-line override\(s\) of {f}: unknown config key\(s\) \['train.lr'\]"):
+        load(PretrainConfig, f, ["train.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^command-line override\(s\): train.micro_batch: expected int"):
+        load(PretrainConfig, None, ["train.micro_batch=abc"])
+
+
 def test_validate_names_the_problem(tmp_path):
     cfg = load(PretrainConfig, None, ["train.micro_batch=48", f"data.shards={tmp_path}"])
     with pytest.raises(ValueError, match="not divisible"):

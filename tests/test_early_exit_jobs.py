@@ -272,3 +272,10 @@ def test_profile_job_errors_name_the_bad_input(profile_inputs, tmp_path, capsys)
     with pytest.raises(SystemExit):
         job.main(["--model", str(model_dir), "--shards", str(tmp_path / "none")])
     assert "no manifest.json there" in capsys.readouterr().err
+    malformed = tmp_path / "hellaswag.jsonl"
+    malformed.write_text('{"ctx": "no other field"}\n')
+    output = tmp_path / "profile-out"
+    with pytest.raises(SystemExit, match=f"{malformed}:1: missing field"):  # named before any profiling
+        job.main(["--model", str(model_dir), "--shards", str(shards), "--hellaswag", str(malformed), "--no-mlflow",
+                  "--output", str(output)])
+    assert not output.exists()

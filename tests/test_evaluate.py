@@ -190,6 +190,36 @@ def test_job_names_an_unreachable_mlflow_model_and_conflicting_options(job_input
         job.parse_args(["--model", str(checkpoint), "--no-hellaswag"])
 
 
+def test_job_names_a_missing_or_malformed_data_file_before_scoring(job_inputs, tmp_path, monkeypatch):
+    """Bad data ends the job with one line that names the file (and the line), never a traceback, before any model
+    is loaded; so does a HellaSwag download that cannot reach its server."""
+    import functools
+
+    from cluster.runtime.local_services import free_port
+    from gpt2.hellaswag import download_hellaswag
+
+    checkpoint, hellaswag, text = job_inputs
+    job = load_job()
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(hellaswag.read_text() + '{"ctx": "no other field"}\n')
+    undecodable = tmp_path / "latin1.txt"
+    undecodable.write_bytes("caf\xe9".encode("latin-1"))
+    common = ["--model", str(checkpoint), "--actors", "0", "--no-progress"]
+    cases = [
+        (["--hellaswag", str(tmp_path / "absent.jsonl")], f"error: HellaSwag: .*No such file.*{tmp_path}/absent.jsonl"),
+        (["--hellaswag", str(malformed)], f"error: HellaSwag: {malformed}:{len(EXAMPLES) + 1}: missing field"),
+        (["--no-hellaswag", "--text", str(tmp_path / "absent.txt")], f"error: --text {tmp_path}/absent.txt: "),
+        (["--no-hellaswag", "--text", str(undecodable)], f"error: --text {undecodable}: 'utf-8' codec"),
+    ]
+    for options, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            job.main([*common, *options])
+    unreachable = f"http://127.0.0.1:{free_port()}/hellaswag_val.jsonl"
+    monkeypatch.setattr(job, "download_hellaswag", functools.partial(download_hellaswag, url=unreachable, timeout=5))
+    with pytest.raises(SystemExit, match=f"error: HellaSwag: cannot download {unreachable}"):
+        job.main([*common, "--cache-dir", str(tmp_path / "cache")])
+
+
 def test_job_help():
     help_text = script_help("jobs/evaluate.py")  # a `--help` subprocess; fails unless it exits 0
     for option in ("--model", "--hellaswag", "--text", "--stride", "--actors", "--output"):

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from cluster.runtime.ray_env import PROJECT_ROOT
 from gpt2 import GPT, GPTConfig, preset
 from serving.deploy import deploy
 from tests.browser import chromium
@@ -425,7 +426,8 @@ def test_web_page_compares_two_variants(server):
 
 def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_path):
     """`python jobs/serve.py` (a process of its own, as a user runs it) onto the running instance: relative sources
-    resolve against --root, the application stays up after the command returns."""
+    resolve against --root, the application stays up after the command returns. A variant whose checkpoint does not
+    exist is named when the job starts, and its requests answer 503 with the path while the others are served."""
     import subprocess
     import sys
 
@@ -435,7 +437,10 @@ def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
         "name": "gpt2-job", "route_prefix": "/job", "import_path": "serving.app:build_app",
-        "args": {"variants": {"mine": "pretrained"}, "torch_threads": 1, "model_replica_cpus": 0.5}}]}))
+        "args": {"variants": {"mine": "pretrained", "ghost": "runs/not-trained-yet/final"}, "torch_threads": 1,
+                 "model_replica_cpus": 0.5}}]}))
+    ghost = PROJECT_ROOT / "runs/not-trained-yet/final"  # where relative paths resolve when not under --root
+    assert not ghost.exists()
     try:
         done = subprocess.run(
             [sys.executable, "jobs/serve.py", "--config", str(config), "--root", str(server["root"]),
@@ -444,8 +449,12 @@ def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "web page:" in done.stdout
+        assert f"not found:  'ghost': {ghost} does not exist" in done.stdout, done.stdout
+        assert "'mine'" not in done.stdout.split("not found:", 1)[1], done.stdout
         r = post({"base": server["base"] + "/job"}, {"model": "mine", "prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200, r.text
+        r = post({"base": server["base"] + "/job"}, {"model": "ghost", "prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 503 and str(ghost) in r.json()["error"]["message"], r.text
     finally:
         ray_serve.delete("gpt2-job")
 

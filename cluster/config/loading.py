@@ -132,12 +132,26 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from_file = json.loads(json.dumps(tree))  # a copy (the YAML holds plain data): overrides change the tree below
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     try:
         return build(cls, tree)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+        raise ConfigError(f"{_culprit(cls, path, from_file, overrides, str(e))}: {e}") from e
+
+
+def _culprit(cls: type, path: Path | None, from_file: dict, overrides: list[str] | tuple[str, ...], error: str) -> str:
+    """Where a config that does not build went wrong: the file when it fails by itself with the same error, else
+    the command line's overrides."""
+    if overrides:
+        try:
+            build(cls, from_file)
+        except ConfigError as e:
+            if str(e) == error:
+                return str(path or "config")
+        return "command-line override(s)" if path is None else f"command-line override(s) of {path}"
+    return str(path or "config")
 
 
 def to_dict(cfg: Any) -> dict:
