@@ -337,7 +337,7 @@ def save_pretrained(model: GPT, path: str | os.PathLike, *, extra: Callable[[Pat
 
     `extra(tmp_dir)` may add more files (trainer state, a model card) before the rename, so they land together.
     """
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replaces=CONFIG_FILE) as tmp:
         dtype = model.transformer.wte.weight.dtype
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
         _save_safetensors(_to_hf_state_dict(model), tmp / WEIGHTS_FILE)
@@ -360,16 +360,21 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, create: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, create: bool = True, replaces: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill. When the block ends, its files are flushed to disk and it
     replaces `path` in one step (`replace_directory`); if the block raises, it is deleted and `path` is untouched.
     A process killed at any point leaves the previous complete directory or the new complete one (plus hidden
     leftovers that the next read or write of `path` clears, see `recover_directory`). A write that fails in the
     operating system (disk full, file too large) raises an OSError naming `path` and saying it is unchanged.
-    With create=False the block creates the folder itself (e.g. with shutil.copytree)."""
+    With create=False the block creates the folder itself (e.g. with shutil.copytree).
+
+    The previous `path` is deleted as a whole, so what it is gets checked first (CheckpointError, nothing written):
+    never a file, and with `replaces` (the file every version holds, e.g. config.json) never a folder that holds
+    other things without it: a user's folder given by mistake (`--to .`) is refused, not emptied."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
+    _check_replaceable(path, replaces)
     tmp = _sibling(path, "tmp")
     if create:
         tmp.mkdir()
@@ -387,6 +392,17 @@ def atomic_directory(path: str | os.PathLike, *, create: bool = True) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(path: Path, replaces: str | None) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder; a folder is written there as a whole, so choose "
+                              "another path or remove it first")
+    if replaces is not None and not (path / replaces).is_file() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is a folder with other contents (no {replaces}); writing there would replace "
+                              "it as a whole, so choose another path or empty it first")
 
 
 def _write_error(error: OSError, path: Path) -> OSError:

@@ -261,7 +261,7 @@ def save_adapters(model: GPT, directory: str | os.PathLike, *, base_model: str |
     of merge_lora(model)."""
     cfg = _lora_config(model)
     tensors = {_peft_name(name): t.detach().contiguous().cpu() for name, t in lora_state_dict(model).items()}
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, replaces=ADAPTER_CONFIG_FILE) as tmp:
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(_peft_config(cfg, base_model), indent=2) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
 

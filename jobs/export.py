@@ -29,7 +29,9 @@ from gpt2.model_card import CARD_FILE, front_matter, hub_metadata, render_model_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or name, or MLflow model URI")
-    p.add_argument("--to", required=True, type=Path, help="the directory to write (replaced as a whole if it exists)")
+    p.add_argument("--to", required=True, type=Path,
+                   help="the directory to write: replaced as a whole if it holds a model, refused if it holds anything"
+                        " else (a file, a folder without config.json)")
     p.add_argument("--license", help="the Hub license id in the card's metadata (default: the card's own, else mit)")
     p.add_argument("--dataset", action="append", default=[], metavar="HUB_ID",
                    help="a dataset the model was trained on, as a Hub id (repeatable)")
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         model = model.base
     name = args.name or args.to.resolve().name
     card = hub_card(source_dir, model, name, args.license, args.dataset)
-    save_pretrained(model, args.to, extra=lambda tmp: (tmp / CARD_FILE).write_text(card, encoding="utf-8"))
+    try:
+        save_pretrained(model, args.to, extra=lambda tmp: (tmp / CARD_FILE).write_text(card, encoding="utf-8"))
+    except (CheckpointError, OSError) as e:  # --to is a file or someone else's folder; a failed write
+        print(f"error: cannot write --to {args.to}: {e}", file=sys.stderr)
+        return 2
     print(f"exported {args.model} to {args.to}: {', '.join(sorted(p.name for p in args.to.iterdir()))}")
     print(f"publish it with: huggingface-cli upload YOUR_NAME/{name} {args.to} .")
     return 0

@@ -90,6 +90,30 @@ def test_saving_over_a_checkpoint_without_an_atomic_exchange_leaves_only_the_new
     assert os.listdir(tmp_path) == ["ckpt"]
 
 
+def test_save_refuses_to_replace_a_file_or_a_folder_that_holds_no_model(tmp_path, tiny_model):
+    """A checkpoint replaces its directory as a whole: a path that holds something else is refused, untouched."""
+    from gpt2.lora import LoRAConfig, apply_lora, save_adapters
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train.py").write_text("keep")
+    with pytest.raises(CheckpointError, match=f"{a_file} exists and is not a folder"):
+        tiny_model.save_pretrained(str(a_file))
+    with pytest.raises(CheckpointError, match=f"{folder} is a folder with other contents \\(no config.json\\)"):
+        tiny_model.save_pretrained(str(folder))
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        save_adapters(apply_lora(GPT(preset("tiny")), LoRAConfig(rank=2)), folder)
+    assert a_file.read_text() == "keep" and [p.name for p in folder.iterdir()] == ["train.py"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "project"]  # nothing written beside them either
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tiny_model.save_pretrained(str(empty))  # an empty folder, or a model's (above: every overwrite test), is fine
+    assert GPT.from_pretrained(str(empty)).config.n_layer == tiny_model.config.n_layer
+
+
 def ended_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()

@@ -67,3 +67,16 @@ def test_a_source_that_is_not_a_model_is_named_in_the_error(tmp_path):
                           "--to", str(tmp_path / "hub")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and f"cannot load --model {tmp_path / 'missing'}" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "hub").exists()
+
+
+def test_a_target_that_holds_something_else_is_refused_untouched(tmp_path):
+    GPT(preset("tiny")).save_pretrained(tmp_path / "run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/export.py"), "--model", str(tmp_path / "run"),
+                          "--to", str(tmp_path / "mine")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"cannot write --to {tmp_path / 'mine'}" in out.stderr, out.stderr[-2000:]
+    assert "no config.json" in out.stderr and "Traceback" not in out.stderr
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    _export(tmp_path / "run", tmp_path / "hub")
+    _export(tmp_path / "run", tmp_path / "hub")  # an earlier export is a model: replaced
