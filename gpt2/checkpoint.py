@@ -317,15 +317,19 @@ def resolve_hub_name(name: str) -> Path:
         ) from e
 
 
+def hub_like(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face hub name ("gpt2", "org/model") when no model directory has it."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
 def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:
     path, name = Path(name_or_path), str(name_or_path)
     recover_directory(path)
     if (path / CONFIG_FILE).is_file():
         return load_directory(path, **kwargs)
-    hub_like = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "gpt2" or "org/model"
     if path.is_file():
         raise CheckpointError(f"{path} is a file; pass the model directory that holds {CONFIG_FILE}")
-    if not hub_like:
+    if not hub_like(name):
         if path.is_dir():
             raise CheckpointError(f"{path}: not a model directory (no {CONFIG_FILE})")
         raise CheckpointError(f"model directory {path} does not exist")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import output_folder
 from cluster.eval.compression import fresh_run_logger, markdown_table, validation_tokens, write_csv
 from cluster.eval.head_analysis import (
     CLAIM_FRACTION,
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of --preset (default 0)")
     out = p.add_argument_group("output")
     out.add_argument("--name", help="run name (default: heads-<UTC time>)")
-    out.add_argument("--output", type=Path, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
+    out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)

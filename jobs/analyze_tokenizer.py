@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from cluster.config import output_folder
 from cluster.data.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
 from cluster.runtime.tracking import RunLogger
 from gpt2.tokenizer_stats import (
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     analysis.add_argument("--top-words", type=int, default=30, metavar="N", help="most fragmented words listed (30)")
     out = p.add_argument_group("output")
     out.add_argument("--name", help="run name (default: <source>-<UTC time>)")
-    out.add_argument("--output", type=Path, metavar="DIR", help="report folder (default runs/tokenizer-analysis/<name>)")
+    out.add_argument("--output", type=output_folder, metavar="DIR", help="report folder (default runs/tokenizer-analysis/<name>)")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)

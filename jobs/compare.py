@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from cluster.config import output_folder
 from cluster.eval.compression import (
     VariantRow,
     files_bytes,
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available); int8 runs on the CPU")
     out = p.add_argument_group("output")
     out.add_argument("--name", help="run name (default: compare-<UTC time>)")
-    out.add_argument("--output", type=Path, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
+    out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 import torch
 
+from cluster.config import output_file
 from cluster.eval.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
 from cluster.runtime.models import load_model
 from cluster.runtime.ray_env import init_ray
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compute.add_argument("--dtype", default="auto",
                          help="float32, bfloat16 or auto (default: bf16 where the scoring device computes it natively)")
     compute.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a local head, or a new local instance)")
-    parser.add_argument("--output", type=Path, metavar="PATH",
+    parser.add_argument("--output", type=output_file, metavar="PATH",
                         help="results JSON (default runs/evaluate/<UTC time>/results.json)")
     parser.add_argument("--no-mlflow", action="store_true",
                         help="do not log to MLflow (default: into the training run that wrote the checkpoint, "

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import output_folder
 from cluster.runtime.models import local_model_dir
 from cluster.train.early_exit import EARLY_EXIT, STANDARD, time_decoding, token_batches, validation_quality
 from gpt2.device import choose, describe
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quality.add_argument("--val-batch-size", type=int, default=4, help="rows per validation batch (default 4)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (default: bf16 where native)")
-    p.add_argument("--output", type=Path, help="output directory (default runs/profile/<UTC time>)")
+    p.add_argument("--output", type=output_folder, help="output directory (default runs/profile/<UTC time>)")
     p.add_argument("--experiment", default="profile", help="MLflow experiment (default profile)")
     p.add_argument("--run-name", help="MLflow run name (default: the model directory's parent's name)")
     p.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI, else the local server)")

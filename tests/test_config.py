@@ -38,10 +38,53 @@ def test_errors_name_the_file_or_the_command_line_whichever_holds_the_bad_key(tm
         load(PretrainConfig, f, ["train.micro_batch=4"])
     assert load(PretrainConfig, f, ["train.max_lr=1e-3"]).train.max_lr == 1e-3  # an override mends the file
     f.write_text("train:\n  max_lr: 6e-4\n")
-    with pytest.raises(ConfigError, match=rf"^command-line override\(s\) of {f}: unknown config key\(s\) \['train.lr'\]"):
+    unknown = rf"^command-line override\(s\) of {f}: unknown config key\(s\) \['train.lr'\]"
+    with pytest.raises(ConfigError, match=unknown):
         load(PretrainConfig, f, ["train.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"^command-line override\(s\): train.micro_batch: expected int"):
         load(PretrainConfig, None, ["train.micro_batch=abc"])
+
+
+def test_an_override_that_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"override 'train.max_lr=\[1': the value '\[1' is not valid YAML"):
+        load(PretrainConfig, None, ["train.max_lr=[1"])
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from tests.pretrain_fixtures import write_python_docs_shards
+
+    return write_python_docs_shards(tmp_path_factory.mktemp("shards"), n_docs=20, val_tokens=500)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.autocast=fp8", "train.autocast must be auto, bf16 or fp32"),
+    ("train.max_lr=-1", "train.max_lr must be a finite number > 0"),
+    ("train.min_lr=.nan", "train.min_lr must be a finite number > 0 \\(or 0\\)"),
+    ("train.beta2=1", "train.beta2 must be in \\[0, 1\\)"),
+    ("train.eps=-1e-8", "train.eps must be a finite number >= 0"),
+])
+def test_optimizer_settings_are_checked_before_any_worker(small_shards, override, message):
+    shards = small_shards
+    good = ["model.preset=tiny", "train.seq_len=32", "train.micro_batch=2", "train.total_batch_tokens=64",
+            "scaling.num_workers=1", f"data.shards={shards}"]
+    load(PretrainConfig, None, good).validate()
+    with pytest.raises(ValueError, match=message):
+        load(PretrainConfig, None, [*good, override]).validate()
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_when_a_job_starts(tmp_path, capsys):
+    from tests.job_loader import load_job
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(SystemExit):
+        load_job("compare").parse_args(["--model", "a=gpt2", "--shards", str(tmp_path), "--output", str(a_file)])
+    assert f"argument --output: {a_file} is a file; give a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_job("evaluate").parse_args(["--model", "gpt2", "--output", str(tmp_path)])
+    assert f"argument --output: {tmp_path} is a folder; give the file to write" in capsys.readouterr().err
+    assert a_file.read_text() == "keep"
 
 
 def test_validate_names_the_problem(tmp_path):

@@ -135,6 +135,14 @@ def test_bad_finetune_configs_fail_before_any_worker(domain, tmp_path):
         config(domain, tmp_path, "train.mode=half").validate()
     with pytest.raises(ValueError, match="does not exist"):
         config(domain, tmp_path, f"data.inputs=[{tmp_path / 'missing.txt'}]").validate()
+    for override, message in [("train.lr=.nan", "train.lr must be a finite number > 0"),
+                              ("train.autocast=fp8", "train.autocast must be auto, bf16 or fp32"),
+                              ("train.grad_clip=-1", "train.grad_clip must be a finite number >= 0"),
+                              ("scaling.num_workers=0", "scaling.num_workers must be >= 1"),
+                              (f"model.source={tmp_path}", f"model.source: {tmp_path} is not a model directory")]:
+        with pytest.raises(ValueError, match=message):
+            config(domain, tmp_path, override).validate()
+    config(domain, tmp_path, "model.source=gpt2").validate()  # a hub name, even beside a gpt2/ folder of code
 
     from cluster.train.finetune import load_documents
 

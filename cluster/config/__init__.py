@@ -8,8 +8,11 @@ from cluster.config.loading import (
     flatten,
     job_parser,
     load,
+    output_file,
+    output_folder,
     parse_override,
     to_dict,
 )
 
-__all__ = ["ConfigError", "build", "config_for_job", "flatten", "job_parser", "load", "parse_override", "to_dict"]
+__all__ = ["ConfigError", "build", "config_for_job", "flatten", "job_parser", "load", "output_file", "output_folder",
+           "parse_override", "to_dict"]

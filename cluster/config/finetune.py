@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config.sections import JobConfig, LoRA, ModelSource, Run, Scaling, check_model_source
+from cluster.config.sections import JobConfig, LoRA, ModelSource, Run, Scaling, check_model_source, check_optimizer
 from cluster.runtime.storage import local_run_root
 
 # The seeds' learning-rate grid: 6 values from 1e-4 to 7e-3.
@@ -85,8 +85,8 @@ class FinetuneConfig(JobConfig):
         for name in ("epochs", "micro_batch"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
-        if t.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {t.lr}")
+        check_optimizer(t)  # lr, weight_decay, grad_clip, autocast
+        self.scaling.validate()
         if not 0 < self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if self.data.dataset not in (None, "wikitext-2"):

@@ -117,7 +117,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # an unclosed [ { or ": the value, then YAML's own one-line reason
+        reason = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML ({reason}); quote it as a "
+                          "string, e.g. key='\"...\"'") from e
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -180,6 +185,23 @@ class OverridesParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         return self.parse_intermixed_args(args, namespace)
+
+
+def output_folder(text: str) -> Path:
+    """argparse type of a job's output folder: a path that is a file is refused when the job starts, not after its
+    work, when the first file is written there."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (made if missing)")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a job's output file: a path that is a folder is refused when the job starts."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the file to write, e.g. {path / 'results.json'}")
+    return path
 
 
 def job_parser(doc: str, config_help: str, overrides_example: str) -> argparse.ArgumentParser:

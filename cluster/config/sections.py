@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.runtime import storage
+from gpt2.checkpoint import CONFIG_FILE, hub_like
 from gpt2.config import GPTConfig, preset
 from gpt2.lora import TARGETS, LoRAConfig
 from gpt2.train import TrainConfig
@@ -115,6 +116,30 @@ class LoRA:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, layers=self.layers)
 
 
+def check_optimizer(train) -> None:
+    """The optimizer and precision settings of a training section (those it has of autocast, max_lr, min_lr, lr,
+    beta1, beta2, eps, weight_decay, grad_clip), checked before any worker starts rather than by torch.optim or
+    autocast in the first step."""
+    import math
+
+    if train.autocast not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.autocast must be auto, bf16 or fp32, got {train.autocast!r}")
+    lrs = [n for n in ("max_lr", "min_lr", "lr") if hasattr(train, n)]
+    for name in lrs:
+        value = getattr(train, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name != "min_lr"):
+            raise ValueError(f"train.{name} must be a finite number > 0{' (or 0)' if name == 'min_lr' else ''}, "
+                             f"got {value}")
+    for name in [n for n in ("beta1", "beta2") if hasattr(train, n)]:
+        value = getattr(train, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"train.{name} must be in [0, 1), got {value}")
+    for name in [n for n in ("weight_decay", "grad_clip", "eps") if hasattr(train, n)]:
+        value = getattr(train, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"train.{name} must be a finite number >= 0, got {value}")
+
+
 def check_step_recipe(train: TrainConfig, scaling: Scaling, block_size: int, model: str = "model") -> None:
     """A step-based training recipe (gpt2.train.TrainConfig) against the workers and the model it trains: positive
     sizes, a batch that splits evenly into micro-batches over the workers, rows that fit the model's context."""
@@ -123,6 +148,7 @@ def check_step_recipe(train: TrainConfig, scaling: Scaling, block_size: int, mod
     for name in ("max_steps", "micro_batch", "seq_len"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")
+    check_optimizer(train)
     scaling.validate()
     train.grad_accum_steps(scaling.num_workers)  # after the checks above: it divides by their product
 
@@ -140,3 +166,6 @@ def check_model_source(source: str, field: str = "model.source") -> None:
 
     if not is_mlflow_uri(source) and ("/" in source or source.startswith(".")) and not Path(source).exists():
         raise ValueError(f"{field}: {source} does not exist (a checkpoint dir, HF dir or MLflow model URI)")
+    local = not (is_mlflow_uri(source) or hub_like(source))
+    if local and Path(source).exists() and not (Path(source) / CONFIG_FILE).is_file():
+        raise ValueError(f"{field}: {source} is not a model directory (no {CONFIG_FILE})")
