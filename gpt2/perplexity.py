@@ -98,7 +98,10 @@ def resolve_window(model: LanguageModel, context_length: int | None, stride: int
     context_length = context_length or model.config.block_size
     if context_length > model.config.block_size:
         raise ValueError(f"context_length {context_length} exceeds the model's block_size {model.config.block_size}")
-    return context_length, stride or max(1, context_length // 2)
+    stride = stride or max(1, context_length // 2)
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be in [1, context_length={context_length}], got {stride}")
+    return context_length, stride
 
 
 def evaluate_perplexity(

@@ -37,7 +37,7 @@ from gpt2.hellaswag import (
     download_hellaswag,
     load_hellaswag,
 )
-from gpt2.perplexity import text_tokens
+from gpt2.perplexity import resolve_window, text_tokens
 from gpt2.shards import file_sha256, split_tokens
 from gpt2.wikitext import WikiTextError, wikitext2_text
 
@@ -204,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(spec, device=device, dtype=dtype)
         except ValueError as e:  # a missing/corrupt directory, an unknown hub name, an unreachable MLflow model
             sys.exit(f"error: {e}")
+        if texts:  # the perplexity window against this model's context, before any scoring
+            try:
+                resolve_window(model, settings.context_length, settings.stride)
+            except ValueError as e:
+                sys.exit(f"error: --context-length / --stride for {spec}: {e}")
         started = time.perf_counter()
         metrics = compute_metrics(model, settings, hellaswag=examples, texts=texts)
         seconds = time.perf_counter() - started

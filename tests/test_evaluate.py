@@ -190,6 +190,10 @@ def test_job_names_an_unreachable_mlflow_model_and_conflicting_options(job_input
         job.parse_args(["--model", str(checkpoint), "--no-hellaswag"])
 
 
+def context_of(checkpoint) -> int:
+    return json.loads((checkpoint / "config.json").read_text())["n_positions"]
+
+
 def test_job_names_a_missing_or_malformed_data_file_before_scoring(job_inputs, tmp_path, monkeypatch):
     """Bad data ends the job with one line that names the file (and the line), never a traceback, before any model
     is loaded; so does a HellaSwag download that cannot reach its server."""
@@ -214,6 +218,14 @@ def test_job_names_a_missing_or_malformed_data_file_before_scoring(job_inputs, t
     for options, message in cases:
         with pytest.raises(SystemExit, match=message):
             job.main([*common, *options])
+    block = context_of(checkpoint)
+    windows = [
+        (["--context-length", str(block + 1)], f"context_length {block + 1} exceeds the model's block_size {block}"),
+        (["--context-length", "16", "--stride", "32"], "stride must be in \\[1, context_length=16\\]"),
+    ]
+    for options, message in windows:
+        with pytest.raises(SystemExit, match=f"error: --context-length / --stride for {checkpoint}: {message}"):
+            job.main([*common, "--no-hellaswag", "--text", str(text), *options])
     unreachable = f"http://127.0.0.1:{free_port()}/hellaswag_val.jsonl"
     monkeypatch.setattr(job, "download_hellaswag", functools.partial(download_hellaswag, url=unreachable, timeout=5))
     with pytest.raises(SystemExit, match=f"error: HellaSwag: cannot download {unreachable}"):
