@@ -75,9 +75,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torc
     )
 
 
+AUTOCAST_CHOICES = ("auto", "bf16", "fp32")  # TrainConfig.autocast
+
+
 def autocast_dtype(cfg_value: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
     """bf16 when asked, or under "auto" where the hardware runs bf16 natively; None means full fp32."""
-    if cfg_value not in ("auto", "bf16", "fp32"):
+    if cfg_value not in AUTOCAST_CHOICES:
         raise ValueError(f"train.autocast must be auto, bf16 or fp32, got {cfg_value!r}")
     use = cfg_value == "bf16" or (cfg_value == "auto" and native_bf16)
     return torch.bfloat16 if use and device_type != "mps" else None

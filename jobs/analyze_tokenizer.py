@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     analysis.add_argument("--top-words", type=int, default=30, metavar="N", help="most fragmented words listed (30)")
     out = p.add_argument_group("output")
     out.add_argument("--name", help="run name (default: <source>-<UTC time>)")
-    out.add_argument("--output", type=output_folder, metavar="DIR", help="report folder (default runs/tokenizer-analysis/<name>)")
+    out.add_argument("--output", type=output_folder, metavar="DIR",
+                     help="report folder (default runs/tokenizer-analysis/<name>)")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)

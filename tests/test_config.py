@@ -37,6 +37,9 @@ def test_errors_name_the_file_or_the_command_line_whichever_holds_the_bad_key(tm
     with pytest.raises(ConfigError, match=f"^{f}: train.max_lr: expected float"):  # the file's error comes first
         load(PretrainConfig, f, ["train.micro_batch=4"])
     assert load(PretrainConfig, f, ["train.max_lr=1e-3"]).train.max_lr == 1e-3  # an override mends the file
+    f.write_text("run:\n  name: 2026-12-07\n")  # YAML reads a date: still a named error, with an override too
+    with pytest.raises(ConfigError, match=f"^{f}: run.name: expected a string"):
+        load(PretrainConfig, f, ["train.micro_batch=4"])
     f.write_text("train:\n  max_lr: 6e-4\n")
     unknown = rf"^command-line override\(s\) of {f}: unknown config key\(s\) \['train.lr'\]"
     with pytest.raises(ConfigError, match=unknown):

@@ -7,6 +7,7 @@ an unknown key or a value of the wrong type is an error that names it, before an
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -137,7 +138,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    from_file = json.loads(json.dumps(tree))  # a copy (the YAML holds plain data): overrides change the tree below
+    from_file = copy.deepcopy(tree)  # the file's own tree: the overrides change `tree` below
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     try:

@@ -6,6 +6,7 @@ or an override then changes only the keys it names (cluster.config.loading.build
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cluster.runtime import storage
 from gpt2.checkpoint import CONFIG_FILE, hub_like
 from gpt2.config import GPTConfig, preset
 from gpt2.lora import TARGETS, LoRAConfig
-from gpt2.train import TrainConfig
+from gpt2.train import AUTOCAST_CHOICES, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,7 @@ def check_optimizer(train) -> None:
     """The optimizer and precision settings of a training section (those it has of autocast, max_lr, min_lr, lr,
     beta1, beta2, eps, weight_decay, grad_clip), checked before any worker starts rather than by torch.optim or
     autocast in the first step."""
-    import math
-
-    if train.autocast not in ("auto", "bf16", "fp32"):
+    if train.autocast not in AUTOCAST_CHOICES:
         raise ValueError(f"train.autocast must be auto, bf16 or fp32, got {train.autocast!r}")
     lrs = [n for n in ("max_lr", "min_lr", "lr") if hasattr(train, n)]
     for name in lrs:
