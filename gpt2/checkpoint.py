@@ -318,8 +318,12 @@ def resolve_hub_name(name: str) -> Path:
 
 
 def hub_like(name: str) -> bool:
-    """Whether `name` reads as a Hugging Face hub name ("gpt2", "org/model") when no model directory has it."""
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+    """Whether `name` reads as a Hugging Face hub name ("gpt2", "openai-community/gpt2") when no model directory
+    has it. `runs/final` is a missing local folder, not the hub's organisation "runs", when ./runs is a folder."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    organisation = name.rpartition("/")[0]
+    return not organisation or not Path(organisation).is_dir()
 
 
 def load_pretrained(name_or_path: str | os.PathLike, **kwargs) -> GPT:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import output_folder
+from cluster.config import check_counts, output_folder, plain_name
 from cluster.eval.compression import fresh_run_logger, markdown_table, validation_tokens, write_csv
 from cluster.eval.head_analysis import (
     CLAIM_FRACTION,
@@ -44,6 +44,7 @@ from cluster.eval.head_analysis import (
     verdict,
     write_similarity,
 )
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import load_model
 from gpt2 import GPT, preset
 from gpt2.config import PRESETS
@@ -83,15 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available); the analysis runs in float32")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of --preset (default 0)")
     out = p.add_argument_group("output")
-    out.add_argument("--name", help="run name (default: heads-<UTC time>)")
+    out.add_argument("--name", type=plain_name, help="run name (default: heads-<UTC time>)")
     out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)
-    for option in ("analysis_batches", "batch_size", "seq_len", "eval_tokens", "hellaswag_limit"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            p.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    check_counts(p, args, "analysis_batches", "batch_size", "seq_len", "eval_tokens", "hellaswag_limit")
     bad = [f for f in [*args.fractions, *args.save] if not 0 <= f < 1]
     if bad:
         p.error(f"--fractions and --save take shares of the heads in [0, 1), got {bad}")
@@ -161,6 +159,8 @@ def load(args: argparse.Namespace, device: torch.device) -> tuple[GPT, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not args.no_mlflow:
+            check_tracking_uri(args.tracking_uri)
         device = pick_device(args.device)
         model, source = load(args, device)
         args.seq_len = args.seq_len or min(256, model.config.block_size)

@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import output_folder
+from cluster.config import check_counts, output_folder, plain_name
 from cluster.data.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.tracking import RunLogger
 from gpt2.tokenizer_stats import (
     ENCODINGS,
@@ -54,15 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="encodings to compare; the first one ranks the most fragmented words (default: all)")
     analysis.add_argument("--top-words", type=int, default=30, metavar="N", help="most fragmented words listed (30)")
     out = p.add_argument_group("output")
-    out.add_argument("--name", help="run name (default: <source>-<UTC time>)")
+    out.add_argument("--name", type=plain_name, help="run name (default: <source>-<UTC time>)")
     out.add_argument("--output", type=output_folder, metavar="DIR",
                      help="report folder (default runs/tokenizer-analysis/<name>)")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)
-    for option in ("max_documents", "top_words"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            p.error(f"--{option.replace('_', '-')} must be >= 1")
+    check_counts(p, args, "max_documents", "top_words")
     if len(set(args.encodings)) != len(args.encodings):
         p.error(f"--encodings lists one twice: {args.encodings}")
     try:
@@ -122,10 +121,12 @@ def log_to_mlflow(args: argparse.Namespace, stats: list[EncodingStats], files: l
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not args.no_mlflow:
+            check_tracking_uri(args.tracking_uri)
         documents = DocumentTexts(args.spec)
         encodings = [get_encoding(name) for name in args.encodings]
         stats = analyze(itertools.islice(documents, args.max_documents), encodings)
-    except (BadSourceError, RuntimeError) as e:  # an unreadable source, a missing BPE file
+    except (BadSourceError, RuntimeError, ValueError) as e:  # an unreadable source, a missing BPE file, MLflow's URI
         sys.exit(f"error: {e}")
     if not stats[0].documents:
         sys.exit(f"error: no readable documents in the {args.source} source (problems: {documents.problems})")

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from cluster.config import output_folder
+from cluster.config import check_counts, output_folder, plain_name
 from cluster.eval.compression import (
     VariantRow,
     files_bytes,
@@ -47,6 +47,7 @@ from cluster.eval.compression import (
     variant_metrics,
     write_csv,
 )
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import load_model, local_model_dir
 from gpt2 import GPT
 from gpt2.device import pick_device
@@ -93,15 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="greedy tokens decoded per speed run (default 64; fewer if the context is shorter)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available); int8 runs on the CPU")
     out = p.add_argument_group("output")
-    out.add_argument("--name", help="run name (default: compare-<UTC time>)")
+    out.add_argument("--name", type=plain_name, help="run name (default: compare-<UTC time>)")
     out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
     out.add_argument("--no-mlflow", action="store_true", help="only write the files")
     args = p.parse_args(argv)
-    for option in ("eval_tokens", "hellaswag_limit", "decode_tokens"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            p.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    check_counts(p, args, "eval_tokens", "hellaswag_limit", "decode_tokens")
     try:
         args.models = [parse_model_option(text) for text in args.model]
     except ValueError as e:
@@ -194,6 +192,8 @@ def log_to_mlflow(args: argparse.Namespace, rows: list[VariantRow], files: list[
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not args.no_mlflow:
+            check_tracking_uri(args.tracking_uri)
         device = pick_device(args.device)
         if args.quantize is None:
             args.quantize = ["int8", "bf16"] + (["nf4"] if nf4_runs_on(device) else [])

@@ -21,8 +21,9 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.config import output_file
+from cluster.config import check_counts, output_file
 from cluster.eval.evaluation import ActorPool, EvalSettings, compute_metrics, log_evaluation
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import load_model
 from cluster.runtime.ray_env import init_ray
 from gpt2.device import choose, describe, parse_dtype
@@ -94,9 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.actors < 0:
         parser.error("--actors must be >= 0")
-    for option in ("limit", "context_length", "stride", "cpus_per_actor", "batch_size", "window_batch_size"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be >= 1")
+    check_counts(parser, args, "limit", "context_length", "stride", "cpus_per_actor", "batch_size", "window_batch_size")
     if args.no_hellaswag and not (args.text or args.dataset or args.shards):
         parser.error("nothing to evaluate: --no-hellaswag without --text, --dataset or --shards")
     if args.wikitext_dir and "wikitext-2" not in args.dataset:
@@ -156,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"created": started_at.isoformat(timespec="seconds"), "data": {}, "models": []}
     examples = []
+    if not args.no_mlflow:
+        try:
+            check_tracking_uri(None)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if not args.no_hellaswag:
         try:
             path = Path(args.hellaswag) if args.hellaswag else download_hellaswag(args.cache_dir)

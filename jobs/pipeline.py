@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     from cluster.runtime.ray_env import PROJECT_ROOT
 
     args.config = args.config or PROJECT_ROOT / "configs" / "pipeline-local.yaml"
-    cfg = config_for_job(PipelineConfig, args, validate=lambda c: None)  # each stage's config is checked as it starts
+    cfg = config_for_job(PipelineConfig, args)  # every stage's config, before the first stage runs
 
     from cluster.runtime.ray_env import init_ray
     from workflow.pipeline import run_pipeline, sample_caption, summary_table

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster.config import check_counts
 from cluster.data.prepare import PYTHON_DOCS_VAL_TOKENS, PrepareConfig, existing_output, prepare_data
 from cluster.data.sources import SOURCE_KINDS, SourceSpec
 from cluster.runtime.ray_env import init_ray
@@ -94,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Ray address (default: RAY_ADDRESS, a local `ray start` head, else a new local instance)",
     )
     run.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="progress line interval")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_counts(p, args, "max_doc_chars", "shard_tokens", "val_tokens", "tokenizers", "batch_size")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import output_folder
+from cluster.config import check_counts, output_folder
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import local_model_dir
 from cluster.train.early_exit import EARLY_EXIT, STANDARD, time_decoding, token_batches, validation_quality
 from gpt2.device import choose, describe
@@ -76,10 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI, else the local server)")
     p.add_argument("--no-mlflow", action="store_true", help="write the files only")
     args = p.parse_args(argv)
-    for option in ("batch_size", "prompt_len", "decode_steps", "repeats", "decodes", "val_batch_size", "limit",
-                   "seq_len"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            p.error(f"--{option.replace('_', '-')} must be >= 1")
+    check_counts(p, args, "batch_size", "prompt_len", "decode_steps", "repeats", "decodes", "val_batch_size", "limit",
+                 "seq_len")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (latency is measured between tokens)")
     if args.val_batches < 0:
@@ -94,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if not args.no_mlflow:
+            check_tracking_uri(args.tracking_uri)
         directory = Path(local_model_dir(args.model))
         if not (directory / EXIT_CONFIG_FILE).is_file():
             raise ValueError(

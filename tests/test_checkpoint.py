@@ -187,6 +187,24 @@ def test_shape_mismatch_names_the_tensor(tmp_path, tiny_model):
         GPT.from_pretrained(str(d))
 
 
+def test_a_name_is_a_hub_name_unless_a_local_folder_makes_it_a_path(tmp_path, monkeypatch):
+    """openai-community/gpt2 (the hub's own name for GPT-2) is a hub name and is not refused as a missing folder
+    when a job checks its model.source; runs/final, with ./runs a folder, is a local model that does not exist
+    (named as such, where it was a hub download of the organisation "runs")."""
+    from cluster.config.sections import check_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert checkpoint.hub_like("gpt2") and checkpoint.hub_like("openai-community/gpt2")
+    for path in ("runs/final", "runs/pretrain/final", "./gpt2", "/models/gpt2", "~/gpt2"):
+        assert not checkpoint.hub_like(path), path
+    with pytest.raises(CheckpointError, match="model directory runs/final does not exist"):
+        GPT.from_pretrained("runs/final")
+    check_model_source("openai-community/gpt2")
+    with pytest.raises(ValueError, match="model.source: runs/final does not exist"):
+        check_model_source("runs/final")
+
+
 def test_hub_name_without_network_or_cache_explains_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cluster.config import ConfigError, load
@@ -135,3 +137,116 @@ def test_print_config_shows_the_config_even_when_its_data_is_missing(tmp_path, c
     with pytest.raises(SystemExit) as stop:
         config_for_job(PretrainConfig, args)
     assert stop.value.code == 0 and json.loads(capsys.readouterr().out)["data"]["shards"] == str(shards)
+
+
+def test_tracking_uris_mlflow_cannot_open_are_refused_naming_where_they_are_set(small_shards, tmp_path, monkeypatch,
+                                                                                capsys):
+    """MLflow 3 refuses a folder (its file store) and schemes it has no store for with a traceback when the job
+    first logs, after its work; the check refuses them as the job starts, and only them."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tests.job_loader import load_job
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    folder = tmp_path / "mlruns"
+    with pytest.raises(MlflowException):  # what the check stands in for: MLflow's own refusal
+        MlflowClient(tracking_uri=str(folder))
+    good = ["model.preset=tiny", "train.seq_len=32", "train.micro_batch=2", "train.total_batch_tokens=64",
+            "scaling.num_workers=1", f"data.shards={small_shards}"]
+    for uri, message in ((str(folder), "run.tracking_uri=.*mlruns: MLflow 3 no longer writes runs to a folder"),
+                         (f"file://{folder}", "run.tracking_uri=file:.*no longer writes runs to a folder"),
+                         ("ftp://host/x", "run.tracking_uri=ftp://host/x: MLflow has no store for 'ftp:' URIs")):
+        with pytest.raises(ValueError, match=message):
+            load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).validate()
+    for uri in ("http://127.0.0.1:9", f"sqlite:///{tmp_path}/m.db", "postgresql+psycopg2://u@h/db"):
+        load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).validate()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(folder))  # named as the variable, for a job's every setting
+    with pytest.raises(ValueError, match=r"\$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
+        load(PretrainConfig, None, good).validate()
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit, match=r"error: \$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
+        load_job("analyze_tokenizer").main(["--max-documents", "2", "--output", str(out)])
+    with pytest.raises(SystemExit, match="error: --tracking-uri=ftp://x: MLflow has no store"):
+        load_job("analyze_tokenizer").main(["--tracking-uri", "ftp://x", "--output", str(out)])
+    assert not out.exists()  # refused before the work
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in is honoured
+    load(PretrainConfig, None, good).validate()
+    MlflowClient(tracking_uri=str(folder))
+
+
+def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path):
+    """A mistake in a later stage's overrides ends the pipeline job at once, named with its stage, instead of after
+    minutes of data preparation and pretraining; the shipped pipeline config passes."""
+    from workflow.pipeline import PipelineConfig
+
+    root = [f"root={tmp_path / 'runs'}", f"domain_dir={tmp_path / 'domain'}"]
+    load(PipelineConfig, "configs/pipeline-local.yaml", root).validate()
+    for override, message in (
+        ("finetune_overrides=[train.lrr=1]",
+         r"the finetune stage: finetune_overrides of .*finetune-local.yaml: unknown config key\(s\) \['train.lrr'\]"),
+        ("pretrain_overrides=[train.max_lr=-1]", r"the pretrain stage: train.max_lr must be a finite number > 0"),
+        ("early_exit_overrides=[model.exit_layer=9]",  # against the shape the pretrain stage is about to train
+         r"the early_exit stage: model.exit_layer: exit_layer=9 is out of range.* n_layer=4"),
+        ("finetune_overrides=['search.lrs=[-1.0]']", "the finetune stage: search: learning rates must be positive"),
+        ("early_exit_config=configs/missing.yaml", r"the early_exit stage: config file .*missing.yaml does not exist"),
+        ("tracking_uri=ftp://x", "tracking_uri=ftp://x: MLflow has no store"),
+        ("eval_actors=0", "eval_actors must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load(PipelineConfig, "configs/pipeline-local.yaml", [*root, override]).validate()
+
+
+def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsys):
+    """domain_dir receives the built-in fine-tuning corpus (replacing what the pipeline wrote there before); a
+    user's folder of other files, named in the hope of fine-tuning on them, is refused untouched, as is a file."""
+    from tests.job_loader import load_job
+    from workflow.pipeline import DOMAIN_FILE, check_domain_dir, write_builtin_eval_and_domain
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / DOMAIN_FILE).write_text("my own topics")
+    with pytest.raises(SystemExit, match=rf"error: domain_dir={notes} holds files the pipeline did not write"
+                                         rf" \({DOMAIN_FILE}\); .* give a new or empty folder"):
+        load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
+    with pytest.raises(ValueError, match="holds files the pipeline did not write"):
+        write_builtin_eval_and_domain(notes, 4)
+    assert [p.name for p in notes.iterdir()] == [DOMAIN_FILE] and (notes / DOMAIN_FILE).read_text() == "my own topics"
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        check_domain_dir(notes / DOMAIN_FILE)
+
+    fresh = tmp_path / "domain"
+    for _ in range(2):  # a new folder, then the same folder again: the second run rewrites its own files
+        check_domain_dir(fresh)
+        written = write_builtin_eval_and_domain(fresh, 4)
+    assert Path(written["domain"]).read_text().startswith("<LOC>") and Path(written["cloze"]).is_file()
+
+
+def test_a_model_shape_of_zero_is_refused_not_ignored():
+    """model.n_layer=0 used to mean "the preset's depth" (a falsy override was dropped) and trained a 12-layer model."""
+    from cluster.config.distill import DistillConfig
+
+    for override in ("model.n_layer=0", "model.n_head=0", "model.block_size=-1"):
+        with pytest.raises(ValueError, match=rf"{override.split('=')[0]} must be >= 1"):
+            load(PretrainConfig, None, [override]).validate()
+    with pytest.raises(ValueError, match=r"student.n_layer must be >= 1, got 0"):
+        load(DistillConfig, None, ["student.n_layer=0"]).validate()
+    assert load(PretrainConfig, None, ["model.preset=tiny", "model.n_layer=3"]).model.build().n_layer == 3
+
+
+def test_run_names_that_are_paths_are_refused(tmp_path, capsys):
+    """A name is one folder of runs/<experiment>/<name>/: `../x` put a job's outputs outside the run root."""
+    from tests.job_loader import load_job
+    from workflow.pipeline import PipelineConfig
+
+    for override in ("run.name=../x", "run.experiment=a/b", "run.name=.."):
+        with pytest.raises(ValueError, match=rf"{override.split('=')[0]}=.* must be a plain name, not a path"):
+            load(PretrainConfig, None, ["model.preset=tiny", "train.seq_len=32", override]).validate()
+    with pytest.raises(ValueError, match="name='../x' must be a plain name"):
+        load(PipelineConfig, "configs/pipeline-local.yaml", [f"root={tmp_path}", "name=../x"]).validate()
+    for job in ("compare", "analyze_heads", "analyze_tokenizer"):
+        with pytest.raises(SystemExit):
+            load_job(job).parse_args(["--model", "a=gpt2", "--name", "../x"])
+        assert "argument --name: must be a plain name, not a path" in capsys.readouterr().err

@@ -440,6 +440,15 @@ def test_an_object_storage_output_is_refused_before_anything_runs(capsys):
     assert "--output s3://bucket/shards" in err and "copy them to object storage afterwards" in err
 
 
+@pytest.mark.parametrize("option",
+                         ["--batch-size", "--shard-tokens", "--val-tokens", "--tokenizers", "--max-doc-chars"])
+def test_a_count_below_one_is_refused_naming_its_flag_before_ray_starts(option, capsys):
+    """--batch-size 0 ended in Ray Data's "Batch size can't be negative or 0" after Ray had started."""
+    with pytest.raises(SystemExit) as stop:
+        load_job().main(["--source", "python-docs", option, "0"])
+    assert stop.value.code == 2 and f"error: {option} must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_the_tokenizer_workers_code_does_not_import_torch():
     # Every Ray Data worker of this job imports these modules; torch would cost each one about a second of CPU and
     # 150 MB before its first document.

@@ -8,20 +8,30 @@ STAGE` runs that stage and everything after it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
-from cluster.config import load, to_dict
+from cluster.config import check_name, load, to_dict
+from cluster.config.early_exit import EarlyExitConfig
+from cluster.config.finetune import FinetuneConfig
+from cluster.config.pretrain import PretrainConfig
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.ray_env import PROJECT_ROOT
 from cluster.runtime.storage import local_run_root
 from gpt2.durable import write_file_atomically
 
 STAGES = ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve")
+# The prepare stage writes the fine-tuning corpus and the cloze set into domain_dir, with a marker that makes the
+# folder the pipeline's to rewrite on later runs.
+DOMAIN_FILE, CLOZE_FILE, DOMAIN_MARKER = "topics.txt", "cloze_hellaswag.jsonl", ".written-by-the-pipeline"
+DEFAULT_DOMAIN_DIR = "data/domain"  # the pipeline's own, also as written before the marker existed
+T = TypeVar("T")
 SAMPLE_TEMPERATURE = 0.8  # the completion the pipeline fetches over HTTP once the variants are served
 
 
@@ -30,7 +40,9 @@ class PipelineConfig:
     name: str = "demo"
     root: str = "runs"  # every stage's run directory lives under it
     data_dir: str = "data/pydocs"  # pretraining shards of the built-in python-docs corpus
-    domain_dir: str = "data/domain"  # the fine-tuning corpus: the corpus' Python reference topics, <LOC>-delimited
+    # Where the prepare stage writes the fine-tuning corpus (the corpus' Python reference topics, <LOC>-delimited)
+    # and the cloze set: a new or empty folder, or one it wrote before (check_domain_dir).
+    domain_dir: str = DEFAULT_DOMAIN_DIR
     pretrain_config: str = "configs/local.yaml"
     pretrain_overrides: tuple[str, ...] = ()
     finetune_config: str = "configs/finetune-local.yaml"
@@ -51,6 +63,49 @@ class PipelineConfig:
     def pipeline_dir(self) -> Path:
         local_run_root(self.root, "the pipeline", field="root")  # its stages pass files to each other through this folder
         return Path(self.root).resolve() / "pipeline" / self.name
+
+    # ---- each stage's config: its file and the pipeline's overrides, then what the earlier stages produced -------
+
+    def pretrain_recipe(self, shards: str) -> PretrainConfig:
+        return self._stage_config(PretrainConfig, "pretrain", self.pretrain_config, self.pretrain_overrides,
+                                  [f"data.shards={shards}"])
+
+    def finetune_recipe(self, model: str, domain: str) -> FinetuneConfig:
+        return self._stage_config(FinetuneConfig, "finetune", self.finetune_config, self.finetune_overrides,
+                                  [f"model.source={model}", f"data.inputs=[{domain}]"])
+
+    def early_exit_recipe(self, model: str, shards: str) -> EarlyExitConfig:
+        return self._stage_config(EarlyExitConfig, "early_exit", self.early_exit_config, self.early_exit_overrides,
+                                  [f"model.source={model}", f"data.shards={shards}"])
+
+    def _stage_config(self, cls: type[T], stage: str, path: str, overrides: tuple[str, ...], inputs: list[str]) -> T:
+        return load(cls, _abs(path), [*overrides, *inputs, f"run.root={Path(self.root).resolve()}",
+                                      f"run.name={self.name}"], overrides_from=f"{stage}_overrides")
+
+    def validate(self) -> None:
+        """Every stage's config, checked before the first stage runs, so that a mistake in the last stage's
+        overrides ends the job at once rather than after minutes of pretraining. What a stage reads from an
+        earlier one (shards, models) is checked again as that stage starts, once it exists."""
+        check_name(self.name, "name")
+        check_tracking_uri(self.tracking_uri, "tracking_uri")
+        for name in ("cloze_examples", "eval_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.serve_port < 65536:
+            raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port}")
+        self.pipeline_dir()
+        check_domain_dir(_abs(self.domain_dir))
+        shards = str(_abs(self.data_dir))
+        with _stage("pretrain"):
+            pretrain = self.pretrain_recipe(shards)
+            pretrain.check_settings()
+        model = str(Path(pretrain.run_dir()) / "final")
+        with _stage("finetune"):
+            self.finetune_recipe(model, str(_abs(self.domain_dir) / DOMAIN_FILE)).check_settings(self.search)
+        with _stage("early_exit"):
+            early_exit = self.early_exit_recipe(model, shards)
+            early_exit.check_settings()
+            early_exit.check_model_config(pretrain.model.build())
 
 
 @dataclass
@@ -119,14 +174,9 @@ class Pipeline:
                                           "domain": str(domain_dir)}, run, force)
 
     def pretrain(self, force: bool) -> StageResult:
-        from cluster.config.pretrain import PretrainConfig
         from cluster.train.pretrain import run_pretraining
 
-        shards = self.results["prepare"].outputs["shards"]
-        p = load(PretrainConfig, _abs(self.cfg.pretrain_config), [
-            *self.cfg.pretrain_overrides, f"data.shards={shards}", f"run.root={Path(self.cfg.root).resolve()}",
-            f"run.name={self.cfg.name}",
-        ])
+        p = self.cfg.pretrain_recipe(self.results["prepare"].outputs["shards"])
         p.validate()
 
         def run() -> dict:
@@ -169,14 +219,10 @@ class Pipeline:
                                            "actors": self.cfg.eval_actors}, run, force)
 
     def finetune(self, force: bool) -> StageResult:
-        from cluster.config.finetune import FinetuneConfig
         from cluster.train.finetune import run as run_finetune
 
-        f = load(FinetuneConfig, _abs(self.cfg.finetune_config), [
-            *self.cfg.finetune_overrides, f"model.source={self.results['pretrain'].outputs['final']}",
-            f"data.inputs=[{self.results['prepare'].outputs['domain']}]", f"run.root={Path(self.cfg.root).resolve()}",
-            f"run.name={self.cfg.name}",
-        ])
+        prepared = self.results["prepare"].outputs
+        f = self.cfg.finetune_recipe(self.results["pretrain"].outputs["final"], prepared["domain"])
 
         def run() -> dict:
             summary = run_finetune(f, search=self.cfg.search, tracking_uri=self.tracking_uri)
@@ -189,17 +235,12 @@ class Pipeline:
                                            "pretrain": self.key("pretrain"), "prepare": self.key("prepare")}, run, force)
 
     def early_exit(self, force: bool) -> StageResult:
-        from cluster.config.early_exit import EarlyExitConfig
         from cluster.runtime.models import load_model
         from cluster.train.early_exit import run as run_early_exit
         from cluster.train.early_exit import time_decoding
 
         pre = self.results["pretrain"].outputs
-        e = load(EarlyExitConfig, _abs(self.cfg.early_exit_config), [
-            *self.cfg.early_exit_overrides, f"model.source={pre['final']}",
-            f"data.shards={self.results['prepare'].outputs['shards']}", f"run.root={Path(self.cfg.root).resolve()}",
-            f"run.name={self.cfg.name}",
-        ])
+        e = self.cfg.early_exit_recipe(pre["final"], self.results["prepare"].outputs["shards"])
 
         def run() -> dict:
             from gpt2.tokenizer import get_tokenizer
@@ -236,6 +277,15 @@ class Pipeline:
         return self.run_stage("serve", {"variants": variants, "at": time.time()}, run, force=True)
 
 
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """A stage's config error, prefixed with the stage (a field such as train.lr exists in several of them)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"the {name} stage: {e}") from e
+
+
 def _abs(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
@@ -246,16 +296,36 @@ def _outputs_exist(outputs: dict) -> bool:
     return all(Path(p).exists() for p in paths)
 
 
+def check_domain_dir(folder: Path) -> None:
+    """The prepare stage replaces the files it writes in domain_dir: a folder that holds anything it did not write
+    (a user's own notes, named in the hope that the pipeline fine-tunes on them) is refused before anything is
+    written, as is a file."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"domain_dir={folder} is a file; give a folder (made if missing)")
+    if not folder.is_dir() or (folder / DOMAIN_MARKER).is_file() or folder == _abs(DEFAULT_DOMAIN_DIR):
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(
+            f"domain_dir={folder} holds files the pipeline did not write ({shown}); it writes its built-in"
+            f" fine-tuning corpus ({DOMAIN_FILE}) and cloze set ({CLOZE_FILE}) there: give a new or empty folder."
+            " To fine-tune on your own files, run jobs/finetune.py with data.inputs=[...]")
+
+
 def write_builtin_eval_and_domain(domain_dir: Path, cloze_examples: int) -> dict:
     """The offline stand-ins: a HellaSwag-format cloze set from the corpus, and a <LOC>-delimited domain corpus of
     the Python reference topics for fine-tuning."""
     from gpt2.cloze import write_cloze_file
     from gpt2.corpus import python_docs_documents
 
+    check_domain_dir(domain_dir)
+    domain_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(domain_dir / DOMAIN_MARKER, b"written by workflow/pipeline.py's prepare stage\n")
     docs = python_docs_documents()
-    cloze = write_cloze_file([d.text for d in docs], domain_dir / "cloze_hellaswag.jsonl", cloze_examples)
+    cloze = write_cloze_file([d.text for d in docs], domain_dir / CLOZE_FILE, cloze_examples)
     topics = [d.text for d in docs if d.source.startswith("pydoc_data")]
-    domain = domain_dir / "topics.txt"
+    domain = domain_dir / DOMAIN_FILE
     write_file_atomically(domain, "".join(f"<LOC>{t}</LOC>\n" for t in topics).encode("utf-8"))
     return {"cloze": str(cloze), "domain": str(domain)}
 

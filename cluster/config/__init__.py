@@ -4,6 +4,8 @@ that several jobs share (`sections`), and one config per job (`pretrain`, `finet
 from cluster.config.loading import (
     ConfigError,
     build,
+    check_counts,
+    check_name,
     config_for_job,
     flatten,
     job_parser,
@@ -11,8 +13,9 @@ from cluster.config.loading import (
     output_file,
     output_folder,
     parse_override,
+    plain_name,
     to_dict,
 )
 
-__all__ = ["ConfigError", "build", "config_for_job", "flatten", "job_parser", "load", "output_file", "output_folder",
-           "parse_override", "to_dict"]
+__all__ = ["ConfigError", "build", "check_counts", "check_name", "config_for_job", "flatten", "job_parser", "load",
+           "output_file", "output_folder", "parse_override", "plain_name", "to_dict"]

@@ -53,8 +53,9 @@ class DistillConfig(JobConfig):
 
     def validate(self) -> None:
         """Everything that can be checked before a worker starts; raises ValueError naming the field."""
-        student = self.student.build()
+        student = self.student.build("student")
         local_run_root(self.run.root, "distillation")
+        self.run.validate()
         if not self.distill.temperature > 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.distill.temperature}")
         if not 0 <= self.distill.alpha <= 1:

@@ -74,7 +74,18 @@ class EarlyExitConfig(JobConfig):
         The model's shape is checked here for a local directory; an MLflow model is checked by the driver once it
         is downloaded (`check_model`).
         """
+        self.check_settings()
+        source = self.model.source
+        check_model_source(source)
+        if not is_mlflow_uri(source) and Path(source).is_dir():
+            self.check_model(source)
+        self._check_shards()
+
+    def check_settings(self) -> None:
+        """The recipe by itself, without the model and shards it reads (the pipeline checks it before they are
+        written)."""
         local_run_root(self.run.root, "early-exit training")
+        self.run.validate()
         d, c = self.data, self.classifier
         for name, value in (("data.seq_len", d.seq_len), ("data.micro_batch", d.micro_batch),
                             ("data.train_batches", d.train_batches), ("classifier.hidden_dim", c.hidden_dim),
@@ -93,11 +104,6 @@ class EarlyExitConfig(JobConfig):
             raise ValueError(
                 f"calibration.target_agreement must be in (0, 1], got {self.calibration.target_agreement}"
             )
-        source = self.model.source
-        check_model_source(source)
-        if not is_mlflow_uri(source) and Path(source).is_dir():
-            self.check_model(source)
-        self._check_shards()
 
     def check_model(self, directory: str | Path) -> GPTConfig:
         """The base model's config, after checking model.exit_layer and data.seq_len against it."""
@@ -105,6 +111,11 @@ class EarlyExitConfig(JobConfig):
             config = read_config(directory)
         except ValueError as e:
             raise ValueError(f"model.source: {e}") from e
+        return self.check_model_config(config)
+
+    def check_model_config(self, config: GPTConfig) -> GPTConfig:
+        """model.exit_layer and data.seq_len against the base model's shape (read from its folder, or the shape a
+        pipeline is about to pretrain)."""
         try:
             check_exit_layer(self.exit_layer(config), config.n_layer)
         except ValueError as e:

@@ -78,8 +78,18 @@ class FinetuneConfig(JobConfig):
 
     def validate(self, search: bool = False) -> None:
         """What can be checked before any worker starts; raises ValueError naming the field."""
+        self.check_settings(search)
+        for path in self.data.inputs:
+            if "://" not in path and not Path(path).exists():
+                raise ValueError(f"data.inputs: {path} does not exist")
+        check_model_source(self.model.source)
+
+    def check_settings(self, search: bool = False) -> None:
+        """The recipe by itself, without the model and files it reads (the pipeline checks it before they are
+        written)."""
         t, s = self.train, self.search
         local_run_root(self.run.root, "fine-tuning")
+        self.run.validate()
         if t.mode not in ("full", "lora"):
             raise ValueError(f"train.mode must be 'full' or 'lora', got {t.mode!r}")
         for name in ("epochs", "micro_batch"):
@@ -95,10 +105,6 @@ class FinetuneConfig(JobConfig):
             raise ValueError("data.inputs: give the domain files/folders (or data.dataset: wikitext-2)")
         if self.data.dataset and len(self.data.inputs) > 1:
             raise ValueError("data.inputs: with data.dataset, give at most one folder (a local copy of the dataset)")
-        for path in self.data.inputs:
-            if "://" not in path and not Path(path).exists():
-                raise ValueError(f"data.inputs: {path} does not exist")
-        check_model_source(self.model.source)
         if t.mode == "lora":
             self.lora.build()
         if search:

@@ -126,7 +126,10 @@ def parse_override(text: str) -> tuple[str, Any]:
                           "string, e.g. key='\"...\"'") from e
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         overrides_from: str = "command-line override(s)") -> T:
+    """`cls` from the YAML file at `path` with `overrides` applied; a ConfigError names the file or, when the file
+    is fine by itself, the overrides (`overrides_from` says where they come from)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -144,19 +147,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
     try:
         return build(cls, tree)
     except ConfigError as e:
-        raise ConfigError(f"{_culprit(cls, path, from_file, overrides, str(e))}: {e}") from e
+        raise ConfigError(f"{_culprit(cls, path, from_file, overrides, overrides_from, str(e))}: {e}") from e
 
 
-def _culprit(cls: type, path: Path | None, from_file: dict, overrides: list[str] | tuple[str, ...], error: str) -> str:
+def _culprit(cls: type, path: Path | None, from_file: dict, overrides: list[str] | tuple[str, ...], overrides_from: str,
+             error: str) -> str:
     """Where a config that does not build went wrong: the file when it fails by itself with the same error, else
-    the command line's overrides."""
+    the overrides."""
     if overrides:
         try:
             build(cls, from_file)
         except ConfigError as e:
             if str(e) == error:
                 return str(path or "config")
-        return "command-line override(s)" if path is None else f"command-line override(s) of {path}"
+        return overrides_from if path is None else f"{overrides_from} of {path}"
     return str(path or "config")
 
 
@@ -203,6 +207,32 @@ def output_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give the file to write, e.g. {path / 'results.json'}")
     return path
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, *options: str) -> None:
+    """End the job (argparse's exit 2) when one of the count `options` is below 1, naming its flag; an option left
+    unset (None) passes."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_name(name: str, field: str) -> str:
+    """A run, experiment or file-prefix name becomes one component of a path (runs/<experiment>/<name>/,
+    data/<name>/<name>_train_000000.bin): a separator or `..` in it would put the outputs elsewhere, even outside
+    the run root, and replace what is there."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{field}={name!r} must be a plain name, not a path (no '/', '\\', '.' or '..')")
+    return name
+
+
+def plain_name(text: str) -> str:
+    """argparse type of a job's --name (see check_name)."""
+    try:
+        return check_name(text, "--name")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--name={text!r} ")) from e
 
 
 def job_parser(doc: str, config_help: str, overrides_example: str) -> argparse.ArgumentParser:

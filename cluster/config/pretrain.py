@@ -42,8 +42,13 @@ class PretrainConfig(JobConfig):
 
     def validate(self) -> None:
         """Everything that can be checked before a worker starts; raises ValueError naming the field."""
+        self.check_settings()
+        check_shards(self.data.shards)
+
+    def check_settings(self) -> None:
+        """The recipe by itself, without the shards it reads (the pipeline checks it before they are written)."""
         check_step_recipe(self.train, self.scaling, self.model.build().block_size)
+        self.run.validate()
         self.eval.validate()
         if self.eval.hellaswag_path and not Path(self.eval.hellaswag_path).is_file():
             raise ValueError(f"eval.hellaswag_path={self.eval.hellaswag_path}: no such file")
-        check_shards(self.data.shards)

@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.config.loading import check_name
 from cluster.runtime import storage
+from cluster.runtime.mlflow_connection import check_tracking_uri
 from gpt2.checkpoint import CONFIG_FILE, hub_like
 from gpt2.config import GPTConfig, preset
 from gpt2.lora import TARGETS, LoRAConfig
@@ -28,6 +30,11 @@ class Run:
 
     def directory(self) -> str:
         return f"{self.root.rstrip('/')}/{self.experiment}/{self.name}"
+
+    def validate(self) -> None:
+        check_name(self.experiment, "run.experiment")
+        check_name(self.name, "run.name")
+        check_tracking_uri(self.tracking_uri, "run.tracking_uri")
 
 
 class JobConfig:
@@ -65,9 +72,17 @@ class ModelShape:
     n_embd: int | None = None
     block_size: int | None = None
 
-    def build(self) -> GPTConfig:
-        shape = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k)}
-        return preset(self.preset, vocab_pad_multiple=self.vocab_pad_multiple, dropout=self.dropout, norm=self.norm, **shape)
+    def build(self, section: str = "model") -> GPTConfig:
+        """The model's GPTConfig; a ValueError names the field of `section` (the config's name for this one)."""
+        shape = {k: v for k in ("n_layer", "n_head", "n_embd", "block_size") if (v := getattr(self, k)) is not None}
+        for name, value in shape.items():
+            if value < 1:  # 0 is a value, not "keep the preset's"
+                raise ValueError(f"{section}.{name} must be >= 1, got {value}")
+        try:
+            return preset(self.preset, vocab_pad_multiple=self.vocab_pad_multiple, dropout=self.dropout, norm=self.norm,
+                          **shape)
+        except ValueError as e:
+            raise ValueError(f"{section}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -163,8 +178,8 @@ def check_model_source(source: str, field: str = "model.source") -> None:
     exist is an error here rather than a failed download later."""
     from cluster.runtime.models import is_mlflow_uri
 
-    if not is_mlflow_uri(source) and ("/" in source or source.startswith(".")) and not Path(source).exists():
-        raise ValueError(f"{field}: {source} does not exist (a checkpoint dir, HF dir or MLflow model URI)")
     local = not (is_mlflow_uri(source) or hub_like(source))
-    if local and Path(source).exists() and not (Path(source) / CONFIG_FILE).is_file():
+    if local and not Path(source).exists():
+        raise ValueError(f"{field}: {source} does not exist (a checkpoint dir, HF dir or MLflow model URI)")
+    if local and not (Path(source) / CONFIG_FILE).is_file():
         raise ValueError(f"{field}: {source} is not a model directory (no {CONFIG_FILE})")

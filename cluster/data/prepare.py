@@ -81,6 +81,8 @@ class PrepareConfig:
             raise ValueError(f"shard name {self.name!r}: use letters, digits, '.' and '-' (the name is a file prefix)")
         if self.tokenizers is not None and self.tokenizers < 1:
             raise ValueError(f"tokenizers must be at least 1, got {self.tokenizers}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
