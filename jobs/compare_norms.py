@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(PretrainConfig, args.config, args.overrides)
         cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1))
         cfg.validate()
+        if not args.no_mlflow:
+            cfg.check_tracking()
         device = pick_device(args.device)
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")

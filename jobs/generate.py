@@ -15,8 +15,10 @@ import time
 
 import torch
 
+from cluster.config import check_counts
 from cluster.runtime.models import load_model
 from gpt2 import GPT, get_tokenizer, preset
+from gpt2.config import PRESETS
 from gpt2.device import choose, describe
 from gpt2.generate import SamplingParams, stream
 from gpt2.protocols import ExitingModel
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint dir, Hugging Face dir or name (gpt2), or MLflow URI (models:/NAME/1,"
                                      " models:/NAME@champion)")
-    src.add_argument("--preset", help="a freshly initialised model of this preset (tiny, small, gpt2, ...)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a freshly initialised model of this preset")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="one prompt per line; '-' reads stdin")
     p.add_argument("--max-tokens", type=int, default=100, help="new tokens per sample (default 100)")
@@ -49,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--prompts-file {args.prompts_file}: {e}")
     if not args.prompt:
         p.error("no prompt: give --prompt TEXT or --prompts-file FILE")
-    if args.num_samples < 1 or args.max_tokens < 1:
-        p.error("--num-samples and --max-tokens must be at least 1")
+    check_counts(p, args, "num_samples", "max_tokens")
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     try:
         SamplingParams(args.temperature, args.top_k or None, args.top_p)
     except ValueError as e:

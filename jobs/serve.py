@@ -94,9 +94,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve as ray_serve
 
+    from serving.app import check_settings
     from serving.auth import API_KEY_ENV
-    from serving.deploy import deploy
+    from serving.deploy import check_port, deploy
 
+    try:  # before Ray starts: a mistake in the config costs no cluster
+        check_settings(settings)
+        check_port(http["port"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     how = init_ray(args.address)
     name = app_entry.get("name", "gpt2")
     try:

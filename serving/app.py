@@ -225,10 +225,20 @@ class ModelServer:
         return self.context[model]
 
 
+def check_settings(args: dict) -> ServerSettings:
+    """The application's settings (the `args:` of serving/config.yaml), checked before anything is deployed; a
+    ValueError names the wrong fields or variant in one line."""
+    try:
+        settings = ServerSettings(**args)
+    except ValidationError as e:
+        raise ValueError(validation_message(e.errors(), "serve config")[0]) from e
+    parse_variants(settings.variants)  # fail at deploy time, with the variant named, not at the first request
+    return settings
+
+
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run serving/config.yaml` (import_path: serving.app:build_app)."""
-    settings = ServerSettings(**args)
-    parse_variants(settings.variants)  # fail at deploy time, with the variant named, not at the first request
+    settings = check_settings(args)
     settings.api_key = api_key_from_env(settings.api_key)
     # Completions beyond a variant's decoding rows and waiting room get 503 from its engine at once; the slack is for
     # the light routes (/healthz, /v1/models, the page, /metrics), which must answer while every row is busy.

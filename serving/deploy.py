@@ -17,11 +17,24 @@ def deploy(settings: dict, *, host: str = "127.0.0.1", port: int = 8000, name: s
 
     from serving.app import build_app
 
-    ray_serve.start(http_options={"host": host, "port": port})
-    ray_serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    check_port(port)
+    try:
+        ray_serve.start(http_options={"host": host, "port": port})
+        ray_serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    except RuntimeError as e:  # Serve's proxy reports a failed bind as the remote error of its actor
+        if "Failed to bind" in str(e):
+            raise RuntimeError(f"cannot listen on {host}:{port}: another program holds that port, or {host} is not"
+                               " an address of this machine; pick another --port / --host") from None
+        raise
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     wait_healthy(f"{base}/healthz", timeout)
     return base
+
+
+def check_port(port: object) -> None:
+    """Serve's proxy with port 0 or one beyond 65535 crashes Ray's core or retries forever: refused here."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"the HTTP port must be a number in 1-65535, got {port!r}")
 
 
 def wait_healthy(url: str, timeout: float) -> None:

@@ -177,14 +177,14 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int = 5025
                            param="logit_bias")
 
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+def validation_message(errors: list[dict], subject: str = "invalid request") -> tuple[str, str | None]:
     """One readable line from pydantic's errors, and the first offending field."""
     parts, param = [], None
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()))
         param = param or (str(e["loc"][0]) if e.get("loc") else None)
         parts.append(f"{loc or 'body'}: {e.get('msg')}")
-    return "invalid request: " + "; ".join(parts), param
+    return f"{subject}: " + "; ".join(parts), param
 
 
 class StopMatcher:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,6 @@ def test_shipped_configs_resolve_and_124m_batch_arithmetic():
 def test_print_config_shows_the_config_even_when_its_data_is_missing(tmp_path, capsys):
     """--print-config prints the resolved config first; the checks of what lies outside it (here: shards not yet
     prepared) then end the job with their error, and a config that passes them ends it with status 0."""
-    import json
-
     from cluster.config.loading import config_for_job, job_parser
     from tests.pretrain_fixtures import write_python_docs_shards
 
@@ -142,10 +141,12 @@ def test_print_config_shows_the_config_even_when_its_data_is_missing(tmp_path, c
 def test_tracking_uris_mlflow_cannot_open_are_refused_naming_where_they_are_set(small_shards, tmp_path, monkeypatch,
                                                                                 capsys):
     """MLflow 3 refuses a folder (its file store) and schemes it has no store for with a traceback when the job
-    first logs, after its work; the check refuses them as the job starts, and only them."""
+    first logs, after its work; the check refuses them as the job starts, and only them, and only in a job that
+    logs to MLflow."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from cluster.config.loading import config_for_job, job_parser
     from tests.job_loader import load_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -157,30 +158,39 @@ def test_tracking_uris_mlflow_cannot_open_are_refused_naming_where_they_are_set(
             "scaling.num_workers=1", f"data.shards={small_shards}"]
     for uri, message in ((str(folder), "run.tracking_uri=.*mlruns: MLflow 3 no longer writes runs to a folder"),
                          (f"file://{folder}", "run.tracking_uri=file:.*no longer writes runs to a folder"),
-                         ("ftp://host/x", "run.tracking_uri=ftp://host/x: MLflow has no store for 'ftp:' URIs")):
+                         ("ftp://host/x", "run.tracking_uri=ftp://host/x: MLflow has no store for 'ftp:' URIs"),
+                         ("localhost:5000", "a server is named with its scheme: http://localhost:5000")):
         with pytest.raises(ValueError, match=message):
-            load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).validate()
-    for uri in ("http://127.0.0.1:9", f"sqlite:///{tmp_path}/m.db", "postgresql+psycopg2://u@h/db"):
-        load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).validate()
+            load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).check_tracking()
+    for uri in ("http://127.0.0.1:9", f"sqlite:///{tmp_path}/m.db", "postgresql+psycopg2://u@h/db", "databricks"):
+        load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).check_tracking()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", str(folder))  # named as the variable, for a job's every setting
-    with pytest.raises(ValueError, match=r"\$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
-        load(PretrainConfig, None, good).validate()
+    parser = job_parser("test", "--config YAML", "train.max_steps=10")
+    with pytest.raises(SystemExit, match=r"error: \$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
+        config_for_job(PretrainConfig, parser.parse_args([*good, "--print-config"]))
     out = tmp_path / "report"
     with pytest.raises(SystemExit, match=r"error: \$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
         load_job("analyze_tokenizer").main(["--max-documents", "2", "--output", str(out)])
     with pytest.raises(SystemExit, match="error: --tracking-uri=ftp://x: MLflow has no store"):
         load_job("analyze_tokenizer").main(["--tracking-uri", "ftp://x", "--output", str(out)])
     assert not out.exists()  # refused before the work
+    norms = load_job("compare_norms")
+    with pytest.raises(SystemExit, match=r"error: \$MLFLOW_TRACKING_URI="):
+        norms.main([*good, "--print-config"])
+    capsys.readouterr()
+    assert norms.main([*good, "--print-config", "--no-mlflow"]) == 0  # a job that logs nothing does not care
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in is honoured
-    load(PretrainConfig, None, good).validate()
+    load(PretrainConfig, None, good).check_tracking()
     MlflowClient(tracking_uri=str(folder))
 
 
-def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path):
+def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path, monkeypatch):
     """A mistake in a later stage's overrides ends the pipeline job at once, named with its stage, instead of after
     minutes of data preparation and pretraining; the shipped pipeline config passes."""
     from workflow.pipeline import PipelineConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     root = [f"root={tmp_path / 'runs'}", f"domain_dir={tmp_path / 'domain'}"]
     load(PipelineConfig, "configs/pipeline-local.yaml", root).validate()
@@ -193,10 +203,17 @@ def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path):
         ("finetune_overrides=['search.lrs=[-1.0]']", "the finetune stage: search: learning rates must be positive"),
         ("early_exit_config=configs/missing.yaml", r"the early_exit stage: config file .*missing.yaml does not exist"),
         ("tracking_uri=ftp://x", "tracking_uri=ftp://x: MLflow has no store"),
+        ("pretrain_overrides=[run.tracking_uri=ftp://x]", "the pretrain stage: run.tracking_uri=ftp://x: MLflow has"),
         ("eval_actors=0", "eval_actors must be >= 1"),
+        (f"hellaswag_path={tmp_path / 'none.jsonl'}", r"hellaswag_path=.*none.jsonl: no such file"),
     ):
         with pytest.raises(ValueError, match=message):
             load(PipelineConfig, "configs/pipeline-local.yaml", [*root, override]).validate()
+    # The stages log to the pipeline's tracking_uri when it has one: the environment's is not theirs to check.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "mlruns"))
+    with pytest.raises(ValueError, match=r"\$MLFLOW_TRACKING_URI=.*no longer writes runs to a folder"):
+        load(PipelineConfig, "configs/pipeline-local.yaml", root).validate()
+    load(PipelineConfig, "configs/pipeline-local.yaml", [*root, "tracking_uri=http://127.0.0.1:9"]).validate()
 
 
 def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsys):
@@ -211,11 +228,19 @@ def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsy
     with pytest.raises(SystemExit, match=rf"error: domain_dir={notes} holds files the pipeline did not write"
                                          rf" \({DOMAIN_FILE}\); .* give a new or empty folder"):
         load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
-    with pytest.raises(ValueError, match="holds files the pipeline did not write"):
-        write_builtin_eval_and_domain(notes, 4)
     assert [p.name for p in notes.iterdir()] == [DOMAIN_FILE] and (notes / DOMAIN_FILE).read_text() == "my own topics"
     with pytest.raises(ValueError, match="is a file; give a folder"):
         check_domain_dir(notes / DOMAIN_FILE)
+    # A folder this pipeline's stages.json records as its domain output, written before the marker existed, and
+    # named through a link: the pipeline's own.
+    (tmp_path / "link").symlink_to(tmp_path)
+    check_domain_dir(tmp_path / "link" / "notes", written_before=notes)
+    record = tmp_path / "runs" / "pipeline" / "local" / "stages.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"prepare": {"outputs": {"domain": str(notes / DOMAIN_FILE)}}}))
+    with pytest.raises(SystemExit) as stop:
+        load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
+    assert stop.value.code == 0
 
     fresh = tmp_path / "domain"
     for _ in range(2):  # a new folder, then the same folder again: the second run rewrites its own files

@@ -459,6 +459,53 @@ def test_serve_job_deploys_variants_relative_to_a_root(ray_session, server, tmp_
         ray_serve.delete("gpt2-job")
 
 
+def test_serve_job_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """A mistake in the Serve config or the port ends the job with the fields named and no cluster touched (a port
+    of 0 crashed Ray's core, one beyond 65535 had Serve's proxy retry forever, max_batch: 0 deployed a server whose
+    every request failed)."""
+    import yaml
+
+    from tests.job_loader import load_job
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "serving.app:build_app",
+                                                         "args": {"variants": {"a": "somewhere"}, "max_batch": 0,
+                                                                  "bogus": 1}}]}))
+    job = load_job("serve")
+    monkeypatch.setattr(job, "init_ray", lambda *a, **k: pytest.fail("Ray was started for a config it refuses"))
+    for args, message in (
+        (["--config", str(config)], "error: serve config: max_batch: Input should be greater than or equal to 1;"
+                                    " bogus: Extra inputs are not permitted"),
+        (["--port", "0"], "error: the HTTP port must be a number in 1-65535, got 0"),
+        (["--port", "70000"], "error: the HTTP port must be a number in 1-65535, got 70000"),
+        (["--variant", "a b=/tmp"], "error: serve config: variant name 'a b' must be"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            job.main(args)
+
+
+def test_serve_job_names_a_port_another_program_holds(tmp_path):
+    """Serve's proxy cannot bind a port in use: the job ends with that one line, where it printed the proxy actor's
+    remote traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    GPT(preset("tiny")).save_pretrained(tmp_path / "model")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "jobs/serve.py", "--address", "local", "--port", str(port), "--only",
+             "--variant", f"m={tmp_path / 'model'}"], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot listen on 127.0.0.1:{port}: another program holds that port, or 127.0.0.1 is"
+                      " not an address of this machine; pick another --port / --host"], done.stderr[-3000:]
+
+
 def test_killed_model_replica_is_replaced_and_answers_are_always_well_formed(server):
     """Kill the model replica: Serve starts a new one, requests succeed again within a bounded time, and every
     answer meanwhile is either a valid completion or an OpenAI-style JSON error."""

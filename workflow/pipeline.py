@@ -68,19 +68,21 @@ class PipelineConfig:
 
     def pretrain_recipe(self, shards: str) -> PretrainConfig:
         return self._stage_config(PretrainConfig, "pretrain", self.pretrain_config, self.pretrain_overrides,
-                                  [f"data.shards={shards}"])
+                                  {"data.shards": shards})
 
     def finetune_recipe(self, model: str, domain: str) -> FinetuneConfig:
         return self._stage_config(FinetuneConfig, "finetune", self.finetune_config, self.finetune_overrides,
-                                  [f"model.source={model}", f"data.inputs=[{domain}]"])
+                                  {"model.source": model, "data.inputs": [domain]})
 
     def early_exit_recipe(self, model: str, shards: str) -> EarlyExitConfig:
         return self._stage_config(EarlyExitConfig, "early_exit", self.early_exit_config, self.early_exit_overrides,
-                                  [f"model.source={model}", f"data.shards={shards}"])
+                                  {"model.source": model, "data.shards": shards})
 
-    def _stage_config(self, cls: type[T], stage: str, path: str, overrides: tuple[str, ...], inputs: list[str]) -> T:
-        return load(cls, _abs(path), [*overrides, *inputs, f"run.root={Path(self.root).resolve()}",
-                                      f"run.name={self.name}"], overrides_from=f"{stage}_overrides")
+    def _stage_config(self, cls: type[T], stage: str, path: str, overrides: tuple[str, ...], inputs: dict) -> T:
+        # The pipeline's own values as JSON, which YAML reads back as they are: a path may hold ", " or ": ".
+        inputs = {**inputs, "run.root": str(Path(self.root).resolve()), "run.name": self.name}
+        return load(cls, _abs(path), [*overrides, *(f"{key}={json.dumps(value)}" for key, value in inputs.items())],
+                    overrides_from=f"{stage}_overrides")
 
     def validate(self) -> None:
         """Every stage's config, checked before the first stage runs, so that a mistake in the last stage's
@@ -93,19 +95,34 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.serve_port < 65536:
             raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port}")
-        self.pipeline_dir()
-        check_domain_dir(_abs(self.domain_dir))
+        if self.serve_replica_cpus < 0:
+            raise ValueError(f"serve_replica_cpus must be >= 0, got {self.serve_replica_cpus}")
+        if self.hellaswag_path and not _abs(self.hellaswag_path).is_file():
+            raise ValueError(f"hellaswag_path={self.hellaswag_path}: no such file")
+        check_domain_dir(_abs(self.domain_dir), written_before=self._domain_written_before())
         shards = str(_abs(self.data_dir))
         with _stage("pretrain"):
             pretrain = self.pretrain_recipe(shards)
             pretrain.check_settings()
+            pretrain.check_tracking(self.tracking_uri)
         model = str(Path(pretrain.run_dir()) / "final")
         with _stage("finetune"):
-            self.finetune_recipe(model, str(_abs(self.domain_dir) / DOMAIN_FILE)).check_settings(self.search)
+            finetune = self.finetune_recipe(model, str(_abs(self.domain_dir) / DOMAIN_FILE))
+            finetune.check_settings(self.search)
+            finetune.check_tracking(self.tracking_uri)
         with _stage("early_exit"):
             early_exit = self.early_exit_recipe(model, shards)
             early_exit.check_settings()
             early_exit.check_model_config(pretrain.model.build())
+            early_exit.check_tracking(self.tracking_uri)
+
+    def _domain_written_before(self) -> Path | None:
+        """The folder where this pipeline's last prepare stage wrote its domain corpus (stages.json), which may
+        predate the marker file."""
+        record = self.pipeline_dir() / "stages.json"
+        domain = json.loads(record.read_text()).get("prepare", {}).get("outputs", {}).get("domain") \
+            if record.is_file() else None
+        return Path(domain).parent if domain else None
 
 
 @dataclass
@@ -200,7 +217,8 @@ class Pipeline:
         from gpt2.shards import split_tokens
 
         pre = self.results["pretrain"].outputs
-        hellaswag = self.cfg.hellaswag_path or self.results["prepare"].outputs["cloze"]
+        given = self.cfg.hellaswag_path
+        hellaswag = str(_abs(given)) if given else self.results["prepare"].outputs["cloze"]
 
         def run() -> dict:
             model = load_model(pre["final"])
@@ -245,7 +263,7 @@ class Pipeline:
         def run() -> dict:
             from gpt2.tokenizer import get_tokenizer
 
-            summary = run_early_exit(e)
+            summary = run_early_exit(e, self.tracking_uri)
             enc = get_tokenizer()
             prompts = [enc.encode(p) for p in ("The Python language", "A module is", "To open a file")]
             early_exit = load_model(summary["model_dir"])
@@ -296,13 +314,15 @@ def _outputs_exist(outputs: dict) -> bool:
     return all(Path(p).exists() for p in paths)
 
 
-def check_domain_dir(folder: Path) -> None:
+def check_domain_dir(folder: Path, written_before: Path | None = None) -> None:
     """The prepare stage replaces the files it writes in domain_dir: a folder that holds anything it did not write
     (a user's own notes, named in the hope that the pipeline fine-tunes on them) is refused before anything is
-    written, as is a file."""
+    written, as is a file. The pipeline's folders: one with its marker, the default data/domain, and
+    `written_before` (where its stages.json says it wrote, before the marker existed)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"domain_dir={folder} is a file; give a folder (made if missing)")
-    if not folder.is_dir() or (folder / DOMAIN_MARKER).is_file() or folder == _abs(DEFAULT_DOMAIN_DIR):
+    ours = {_abs(DEFAULT_DOMAIN_DIR).resolve(), *([written_before.resolve()] if written_before else [])}
+    if not folder.is_dir() or (folder / DOMAIN_MARKER).is_file() or folder.resolve() in ours:
         return
     entries = sorted(p.name for p in folder.iterdir())
     if entries:
@@ -319,7 +339,6 @@ def write_builtin_eval_and_domain(domain_dir: Path, cloze_examples: int) -> dict
     from gpt2.cloze import write_cloze_file
     from gpt2.corpus import python_docs_documents
 
-    check_domain_dir(domain_dir)
     domain_dir.mkdir(parents=True, exist_ok=True)
     write_file_atomically(domain_dir / DOMAIN_MARKER, b"written by workflow/pipeline.py's prepare stage\n")
     docs = python_docs_documents()

@@ -223,7 +223,7 @@ def check_name(name: str, field: str) -> str:
     data/<name>/<name>_train_000000.bin): a separator or `..` in it would put the outputs elsewhere, even outside
     the run root, and replace what is there."""
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"{field}={name!r} must be a plain name, not a path (no '/', '\\', '.' or '..')")
+        raise ValueError(f"{field}={name!r} must be a plain name, not a path (no '/' or '\\', not '.' or '..')")
     return name
 
 
@@ -252,6 +252,8 @@ def config_for_job(
     """The job's config from --config and the overrides, adjusted by `prepare` and checked by `validate` (default:
     the config's own validate()). A bad config ends the job with `error: ...` naming the field; --print-config
     prints the resolved config, then ends the job: with status 0 when it passes the checks, else with the error."""
+    from cluster.config.sections import JobConfig  # it imports this module
+
     try:
         cfg = load(cls, args.config, args.overrides)
         if prepare is not None:
@@ -262,6 +264,8 @@ def config_for_job(
         print(json.dumps(to_dict(cfg), indent=2), flush=True)
     try:
         (validate or (lambda c: c.validate()))(cfg)
+        if isinstance(cfg, JobConfig):  # a job of this kind logs its run to MLflow
+            cfg.check_tracking()
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.print_config:

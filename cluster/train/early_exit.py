@@ -305,8 +305,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------------- the driver
 
 
-def run(cfg: EarlyExitConfig) -> dict:
-    """Validate, resolve the base model, train and calibrate on Ray Train; the rank-0 summary."""
+def run(cfg: EarlyExitConfig, tracking_uri: str | None = None) -> dict:
+    """Validate, resolve the base model, train and calibrate on Ray Train; the rank-0 summary. MLflow:
+    `tracking_uri`, else run.tracking_uri, else $MLFLOW_TRACKING_URI, else the local server."""
     from cluster.runtime.tracking import run_tags
     from cluster.train import launcher
 
@@ -318,7 +319,7 @@ def run(cfg: EarlyExitConfig) -> dict:
     tags = {**run_tags(cfg.run.name, s.num_workers, s.use_gpu), "base_model": cfg.model.source}
     result = launcher.launch(
         train_loop_per_worker, {"early_exit": config, "model_dir": str(model_dir), "tags": tags},
-        scaling=s, run=cfg.run, run_dir=str(Path(cfg.run_dir()).resolve()),
+        scaling=s, run=cfg.run, run_dir=str(Path(cfg.run_dir()).resolve()), tracking=tracking_uri,
     )
     if result.error:
         raise RuntimeError(f"early-exit training failed: {result.error}")
