@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import check_counts, output_folder, plain_name
-from cluster.eval.compression import fresh_run_logger, markdown_table, validation_tokens, write_csv
+from cluster.eval.compression import markdown_table, validation_tokens, write_csv
 from cluster.eval.head_analysis import (
     CLAIM_FRACTION,
     CurvePoint,
@@ -46,6 +46,7 @@ from cluster.eval.head_analysis import (
 )
 from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import load_model
+from cluster.runtime.tracking import fresh_run_logger
 from gpt2 import GPT, preset
 from gpt2.config import PRESETS
 from gpt2.device import pick_device

@@ -24,7 +24,7 @@ from typing import Iterator
 from cluster.config import check_counts, output_folder, plain_name
 from cluster.data.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
 from cluster.runtime.mlflow_connection import check_tracking_uri
-from cluster.runtime.tracking import RunLogger
+from cluster.runtime.tracking import fresh_run_logger
 from gpt2.tokenizer_stats import (
     ENCODINGS,
     EncodingStats,
@@ -108,7 +108,8 @@ def write_outputs(stats: list[EncodingStats], directory: Path, corpus: str, top_
 def log_to_mlflow(args: argparse.Namespace, stats: list[EncodingStats], files: list[Path]) -> None:
     params = {"source": args.source, "inputs": ",".join(args.input), "encodings": ",".join(args.encodings),
               "max_documents": args.max_documents, "documents": stats[0].documents}
-    logger = RunLogger(args.output, experiment=EXPERIMENT, run_name=args.name, uri=args.tracking_uri, params=params)
+    logger = fresh_run_logger(args.output, experiment=EXPERIMENT, run_name=args.name, uri=args.tracking_uri,
+                              params=params)
     numeric = ("tokens", "tokens_per_word", "tokens_per_character", "characters_per_token", "mean_pieces_per_word",
                "share_words_split")
     metrics = {f"{s.name}/{key}": float(s.summary()[key]) for s in stats for key in numeric}

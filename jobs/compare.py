@@ -36,7 +36,6 @@ from cluster.config import check_counts, output_folder, plain_name
 from cluster.eval.compression import (
     VariantRow,
     files_bytes,
-    fresh_run_logger,
     markdown_table,
     measure_variant,
     relative_to_first,
@@ -49,6 +48,7 @@ from cluster.eval.compression import (
 )
 from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.models import load_model, local_model_dir
+from cluster.runtime.tracking import fresh_run_logger
 from gpt2 import GPT
 from gpt2.device import pick_device
 from gpt2.early_exit import EarlyExitGPT

@@ -27,7 +27,8 @@ import torch
 from cluster.config import ConfigError, flatten, load, to_dict
 from cluster.config.loading import OverridesParser
 from cluster.config.pretrain import PretrainConfig
-from cluster.eval.compression import fresh_run_logger, markdown_table, write_csv
+from cluster.eval.compression import markdown_table, write_csv
+from cluster.runtime.tracking import fresh_run_logger
 from gpt2 import GPT
 from gpt2.data import ShardedTokenLoader
 from gpt2.device import cpu_has_fast_bf16, pick_device

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.config import load
 from cluster.runtime.job_console import JobConsole
 from cluster.runtime.local_services import DASHBOARD_URL, MLFLOW_DIR, _bin, client_env, up
 from cluster.runtime.mlflow_connection import DEFAULT_TRACKING_URI
 from cluster.runtime.ray_env import PROJECT_ROOT
+from workflow.pipeline import STAGES, PipelineConfig
 
 LOG_DIR = PROJECT_ROOT / "runs" / "demo"
 
@@ -49,13 +51,18 @@ def submit(*job: str) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="configs/pipeline-local.yaml", help="the pipeline config")
-    p.add_argument("--from", dest="from_stage", help="rerun the pipeline from this stage (see jobs/pipeline.py)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES,
+                   help="rerun the pipeline from this stage (see jobs/pipeline.py)")
     args = p.parse_args()
-    up()
     # Absolute paths: a submitted job runs in an uploaded copy of the project, not in this checkout, and the data,
     # runs and models must land here.
     paths = [f"root={PROJECT_ROOT / 'runs'}", f"data_dir={PROJECT_ROOT / 'data' / 'pydocs'}",
              f"domain_dir={PROJECT_ROOT / 'data' / 'domain'}"]
+    try:  # the config and every stage's, as the job will check them, before services start and the job is sent
+        load(PipelineConfig, PROJECT_ROOT / args.config, paths).validate()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    up()
     log_path = submit("jobs/pipeline.py", "--config", args.config, *paths, *(["--from", args.from_stage] if args.from_stage else []))
     print("\n=== demo finished ===")
     print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs, Train and Tune views; Serve)")

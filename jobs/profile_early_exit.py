@@ -192,10 +192,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def _log(args, directory: Path, tau: float, rows: list[dict], speedup: float, files: list[Path], output: Path) -> None:
-    from cluster.runtime.tracking import RunLogger
+    from cluster.runtime.tracking import fresh_run_logger
 
     params = {k: v for k, v in vars(args).items() if k not in ("no_mlflow", "tracking_uri")}
-    logger = RunLogger(
+    logger = fresh_run_logger(
         output, experiment=args.experiment, run_name=args.run_name or directory.parent.name or directory.name,
         uri=args.tracking_uri, params={**params, "threshold_used": tau, "torch_threads": torch.get_num_threads()},
         tags={"kind": "profile"},

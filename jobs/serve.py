@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:  # before Ray starts: a mistake in the config costs no cluster
         check_settings(settings)
-        check_port(http["port"])
+        check_port(http["port"], "--port" if args.port is not None else f"http_options.port of {args.config}")
     except ValueError as e:
         sys.exit(f"error: {e}")
     how = init_ray(args.address)

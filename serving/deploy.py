@@ -21,20 +21,21 @@ def deploy(settings: dict, *, host: str = "127.0.0.1", port: int = 8000, name: s
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         ray_serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
-    except RuntimeError as e:  # Serve's proxy reports a failed bind as the remote error of its actor
+    except RuntimeError as e:  # Serve's proxy reports a failed bind as the remote error of its actor, traceback and all
         if "Failed to bind" in str(e):
-            raise RuntimeError(f"cannot listen on {host}:{port}: another program holds that port, or {host} is not"
-                               " an address of this machine; pick another --port / --host") from None
+            raise RuntimeError(f"Serve's HTTP proxy cannot listen on {host}:{port}: another program may hold the port"
+                               f" (or it needs privileges), or {host} is not an address of this machine") from None
         raise
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     wait_healthy(f"{base}/healthz", timeout)
     return base
 
 
-def check_port(port: object) -> None:
-    """Serve's proxy with port 0 or one beyond 65535 crashes Ray's core or retries forever: refused here."""
+def check_port(port: object, setting: str = "port") -> None:
+    """Serve's proxy with port 0 or one beyond 65535 crashes Ray's core or retries forever: refused here, naming
+    the `setting` that gave it."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        raise ValueError(f"the HTTP port must be a number in 1-65535, got {port!r}")
+        raise ValueError(f"{setting} must be a TCP port number in 1-65535, got {port!r}")
 
 
 def wait_healthy(url: str, timeout: float) -> None:

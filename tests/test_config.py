@@ -159,7 +159,8 @@ def test_tracking_uris_mlflow_cannot_open_are_refused_naming_where_they_are_set(
     for uri, message in ((str(folder), "run.tracking_uri=.*mlruns: MLflow 3 no longer writes runs to a folder"),
                          (f"file://{folder}", "run.tracking_uri=file:.*no longer writes runs to a folder"),
                          ("ftp://host/x", "run.tracking_uri=ftp://host/x: MLflow has no store for 'ftp:' URIs"),
-                         ("localhost:5000", "a server is named with its scheme: http://localhost:5000")):
+                         ("localhost:5000", "localhost:5000: a tracking server is named with its scheme, e.g."
+                                            " http://localhost:5000")):
         with pytest.raises(ValueError, match=message):
             load(PretrainConfig, None, [*good, f"run.tracking_uri={uri}"]).check_tracking()
     for uri in ("http://127.0.0.1:9", f"sqlite:///{tmp_path}/m.db", "postgresql+psycopg2://u@h/db", "databricks"):
@@ -205,6 +206,8 @@ def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path, mon
         ("tracking_uri=ftp://x", "tracking_uri=ftp://x: MLflow has no store"),
         ("pretrain_overrides=[run.tracking_uri=ftp://x]", "the pretrain stage: run.tracking_uri=ftp://x: MLflow has"),
         ("eval_actors=0", "eval_actors must be >= 1"),
+        ("serve_port=0", "the serve stage: serve_port must be a TCP port number in 1-65535, got 0"),
+        ("serve_replica_cpus=-1", "the serve stage: serve config: model_replica_cpus: Input should be greater"),
         (f"hellaswag_path={tmp_path / 'none.jsonl'}", r"hellaswag_path=.*none.jsonl: no such file"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -220,7 +223,7 @@ def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsy
     """domain_dir receives the built-in fine-tuning corpus (replacing what the pipeline wrote there before); a
     user's folder of other files, named in the hope of fine-tuning on them, is refused untouched, as is a file."""
     from tests.job_loader import load_job
-    from workflow.pipeline import DOMAIN_FILE, check_domain_dir, write_builtin_eval_and_domain
+    from workflow.pipeline import DOMAIN_FILE, Pipeline, PipelineConfig, check_domain_dir, write_builtin_eval_and_domain
 
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -228,6 +231,11 @@ def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsy
     with pytest.raises(SystemExit, match=rf"error: domain_dir={notes} holds files the pipeline did not write"
                                          rf" \({DOMAIN_FILE}\); .* give a new or empty folder"):
         load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
+    pipeline = Pipeline(load(PipelineConfig, "configs/pipeline-local.yaml",
+                             [f"root={tmp_path / 'runs'}", f"domain_dir={notes}", f"data_dir={tmp_path / 'data'}"]))
+    with pytest.raises(ValueError, match="holds files the pipeline did not write"):
+        pipeline.prepare(force=True)  # the stage itself, as a program that runs it without the job's check does
+    assert not (tmp_path / "data").exists()
     assert [p.name for p in notes.iterdir()] == [DOMAIN_FILE] and (notes / DOMAIN_FILE).read_text() == "my own topics"
     with pytest.raises(ValueError, match="is a file; give a folder"):
         check_domain_dir(notes / DOMAIN_FILE)
@@ -237,6 +245,9 @@ def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsy
     check_domain_dir(tmp_path / "link" / "notes", written_before=notes)
     record = tmp_path / "runs" / "pipeline" / "local" / "stages.json"
     record.parent.mkdir(parents=True)
+    record.write_text("{not json")
+    with pytest.raises(SystemExit, match=rf"error: {record}: cannot read the stage records .*delete it"):
+        load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
     record.write_text(json.dumps({"prepare": {"outputs": {"domain": str(notes / DOMAIN_FILE)}}}))
     with pytest.raises(SystemExit) as stop:
         load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from cluster.runtime.job_console import JobConsole
 
 ESC = "\x1b"
@@ -160,3 +162,21 @@ def test_a_copy_of_a_step_line_is_dropped_when_another_actors_line_comes_between
     shown, log, _ = watch([steps[0], steps[1], other, steps[1], steps[2], steps[2]])
     assert [line.rsplit("| ", 1)[-1] for line in shown] == ["1 tokens/s", "ETA 1m20s", "ETA 1m10s"]
     assert log.count("step 2/10") == 2  # the log file keeps every line as delivered
+
+
+def test_the_demo_refuses_a_bad_pipeline_config_before_starting_anything(tmp_path, monkeypatch, capsys):
+    """`make demo` with a mistake in its config (here: a finetune override naming no key) ends in a second with the
+    stage and key named, before the Ray head and MLflow server start and the job is submitted."""
+    from tests.job_loader import load_job
+
+    demo = load_job("demo")
+    monkeypatch.setattr(demo, "up", lambda: pytest.fail("services were started for a config the job refuses"))
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("finetune_overrides: ['train.lrr=1']\n")
+    monkeypatch.setattr("sys.argv", ["demo.py", "--config", str(config)])
+    with pytest.raises(SystemExit, match=r"error: the finetune stage: finetune_overrides of .*: unknown config key"):
+        demo.main()
+    monkeypatch.setattr("sys.argv", ["demo.py", "--from", "pretrian"])
+    with pytest.raises(SystemExit):
+        demo.main()
+    assert "argument --from: invalid choice: 'pretrian'" in capsys.readouterr().err

@@ -476,8 +476,8 @@ def test_serve_job_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch,
     for args, message in (
         (["--config", str(config)], "error: serve config: max_batch: Input should be greater than or equal to 1;"
                                     " bogus: Extra inputs are not permitted"),
-        (["--port", "0"], "error: the HTTP port must be a number in 1-65535, got 0"),
-        (["--port", "70000"], "error: the HTTP port must be a number in 1-65535, got 70000"),
+        (["--port", "0"], "error: --port must be a TCP port number in 1-65535, got 0"),
+        (["--port", "70000"], "error: --port must be a TCP port number in 1-65535, got 70000"),
         (["--variant", "a b=/tmp"], "error: serve config: variant name 'a b' must be"),
     ):
         with pytest.raises(SystemExit, match=message):
@@ -502,8 +502,9 @@ def test_serve_job_names_a_port_another_program_holds(tmp_path):
              "--variant", f"m={tmp_path / 'model'}"], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot listen on 127.0.0.1:{port}: another program holds that port, or 127.0.0.1 is"
-                      " not an address of this machine; pick another --port / --host"], done.stderr[-3000:]
+    assert errors == [f"error: Serve's HTTP proxy cannot listen on 127.0.0.1:{port}: another program may hold the"
+                      " port (or it needs privileges), or 127.0.0.1 is not an address of this machine"], \
+        done.stderr[-3000:]
 
 
 def test_killed_model_replica_is_replaced_and_answers_are_always_well_formed(server):

@@ -110,6 +110,15 @@ def test_job_report_totals_equal_a_direct_count_and_go_to_mlflow(tmp_path, mlflo
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "summary.csv", "words.csv", "pieces_per_word.png"} <= artifacts
 
+    # The same --output again, on other settings: a new MLflow run with its own params and only its own figures
+    # (the earlier run was resumed, keeping its params and gaining a second value of each metric).
+    assert load_job("analyze_tokenizer").main([*args, "--max-documents", "1"]) == 0
+    again = client.get_run((output / "mlflow_run_id").read_text())
+    assert again.info.run_id != run.info.run_id and again.data.params["max_documents"] == "1"
+    history = client.get_metric_history(again.info.run_id, "gpt2/tokens")
+    assert len(history) == 1 and history[0].value < run.data.metrics["gpt2/tokens"]
+    assert client.get_run(run.info.run_id).data.params["max_documents"] == "None"
+
 
 def test_job_refuses_bad_options_and_empty_sources(tmp_path, capsys):
     job = load_job("analyze_tokenizer")

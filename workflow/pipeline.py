@@ -27,6 +27,7 @@ from cluster.runtime.storage import local_run_root
 from gpt2.durable import write_file_atomically
 
 STAGES = ("prepare", "pretrain", "evaluate", "finetune", "early_exit", "serve")
+STAGE_RECORDS = "stages.json"  # in the pipeline's folder: each stage's key and outputs, for skipping unchanged ones
 # The prepare stage writes the fine-tuning corpus and the cloze set into domain_dir, with a marker that makes the
 # folder the pipeline's to rewrite on later runs.
 DOMAIN_FILE, CLOZE_FILE, DOMAIN_MARKER = "topics.txt", "cloze_hellaswag.jsonl", ".written-by-the-pipeline"
@@ -50,7 +51,8 @@ class PipelineConfig:
     search: bool = True  # the Ray Tune learning-rate search before fine-tuning
     early_exit_config: str = "configs/early-exit-local.yaml"
     early_exit_overrides: tuple[str, ...] = ()
-    hellaswag_path: str | None = None  # None: a HellaSwag-format cloze set made from the corpus (offline)
+    # A HellaSwag-format file (relative to the project, as the other paths); None: a cloze set made from the corpus.
+    hellaswag_path: str | None = None
     cloze_examples: int = 200
     eval_actors: int = 2
     serve_host: str = "127.0.0.1"
@@ -93,36 +95,41 @@ class PipelineConfig:
         for name in ("cloze_examples", "eval_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.serve_port < 65536:
-            raise ValueError(f"serve_port must be a TCP port (1-65535), got {self.serve_port}")
-        if self.serve_replica_cpus < 0:
-            raise ValueError(f"serve_replica_cpus must be >= 0, got {self.serve_replica_cpus}")
         if self.hellaswag_path and not _abs(self.hellaswag_path).is_file():
             raise ValueError(f"hellaswag_path={self.hellaswag_path}: no such file")
-        check_domain_dir(_abs(self.domain_dir), written_before=self._domain_written_before())
+        check_domain_dir(_abs(self.domain_dir), written_before=self.domain_written_before())
         shards = str(_abs(self.data_dir))
         with _stage("pretrain"):
             pretrain = self.pretrain_recipe(shards)
             pretrain.check_settings()
-            pretrain.check_tracking(self.tracking_uri)
         model = str(Path(pretrain.run_dir()) / "final")
         with _stage("finetune"):
             finetune = self.finetune_recipe(model, str(_abs(self.domain_dir) / DOMAIN_FILE))
             finetune.check_settings(self.search)
-            finetune.check_tracking(self.tracking_uri)
         with _stage("early_exit"):
             early_exit = self.early_exit_recipe(model, shards)
             early_exit.check_settings()
             early_exit.check_model_config(pretrain.model.build())
-            early_exit.check_tracking(self.tracking_uri)
+        if not self.tracking_uri:  # each stage logs to its own run.tracking_uri then
+            for stage, config in (("pretrain", pretrain), ("finetune", finetune), ("early_exit", early_exit)):
+                with _stage(stage):
+                    config.check_tracking()
+        with _stage("serve"):
+            from serving.app import check_settings
+            from serving.deploy import check_port
 
-    def _domain_written_before(self) -> Path | None:
+            check_port(self.serve_port, "serve_port")
+            check_settings(self.serve_settings({"pretrained": model, "finetuned": model, "early-exit": model}))
+
+    def serve_settings(self, variants: dict[str, str]) -> dict:
+        """The Serve application's settings (serving/config.yaml's `args:`) for the pipeline's variants."""
+        return {"variants": variants, "max_batch": 8, "torch_threads": 2, "model_replica_cpus": self.serve_replica_cpus}
+
+    def domain_written_before(self) -> Path | None:
         """The folder where this pipeline's last prepare stage wrote its domain corpus (stages.json), which may
         predate the marker file."""
-        record = self.pipeline_dir() / "stages.json"
-        domain = json.loads(record.read_text()).get("prepare", {}).get("outputs", {}).get("domain") \
-            if record.is_file() else None
-        return Path(domain).parent if domain else None
+        domain = read_stage_records(self.pipeline_dir() / STAGE_RECORDS).get("prepare", {}).get("outputs", {})
+        return Path(domain["domain"]).parent if domain.get("domain") else None
 
 
 @dataclass
@@ -143,10 +150,10 @@ class Pipeline:
 
     @property
     def record_file(self) -> Path:
-        return self.cfg.pipeline_dir() / "stages.json"
+        return self.cfg.pipeline_dir() / STAGE_RECORDS
 
     def _records(self) -> dict:
-        return json.loads(self.record_file.read_text()) if self.record_file.is_file() else {}
+        return read_stage_records(self.record_file)
 
     def _save_record(self, stage: str, result: StageResult) -> None:
         records = self._records()
@@ -184,6 +191,7 @@ class Pipeline:
         prepare_cfg = PrepareConfig(SourceSpec(), str(data_dir), "pydocs", val_tokens=PYTHON_DOCS_VAL_TOKENS)
 
         def run() -> dict:
+            check_domain_dir(domain_dir, written_before=cfg.domain_written_before())  # before any work
             print(prepare_data(prepare_cfg).format())
             return {"shards": str(data_dir), **write_builtin_eval_and_domain(domain_dir, cfg.cloze_examples)}
 
@@ -230,7 +238,9 @@ class Pipeline:
             record = {"model": pre["final"], "hellaswag_file": hellaswag, "metrics": metrics}
             write_file_atomically(out, json.dumps(record, indent=2).encode())
             # Into the pretraining run's MLflow record (its run id is kept in the run directory).
-            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name, uri=self.tracking_uri)
+            pretrained = self.cfg.pretrain_recipe(self.results["prepare"].outputs["shards"])
+            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name,
+                           uri=self.tracking_uri or pretrained.run.tracking_uri)
             return {"results": str(out), "metrics": metrics}
 
         return self.run_stage("evaluate", {"pretrain": self.key("pretrain"), "hellaswag": hellaswag,
@@ -285,9 +295,7 @@ class Pipeline:
         def run() -> dict:
             from serving.deploy import deploy
 
-            settings = {"variants": variants, "max_batch": 8, "torch_threads": 2,
-                        "model_replica_cpus": self.cfg.serve_replica_cpus}
-            base = deploy(settings, host=self.cfg.serve_host, port=self.cfg.serve_port)
+            base = deploy(self.cfg.serve_settings(variants), host=self.cfg.serve_host, port=self.cfg.serve_port)
             model = "finetuned" if "finetuned" in variants else next(iter(variants))
             return {"url": base, "sample_model": model,
                     "sample": completion_over_http(base, model, "The Python language reference")}
@@ -312,6 +320,20 @@ def _abs(path: str) -> Path:
 def _outputs_exist(outputs: dict) -> bool:
     paths = [v for v in outputs.values() if isinstance(v, str) and v.startswith("/")]
     return all(Path(p).exists() for p in paths)
+
+
+def read_stage_records(path: Path) -> dict[str, dict]:
+    """stages.json: for each stage that ran, its key, outputs, duration and time ({} before the first run)."""
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the stage records ({e}); delete it to run every stage again") from e
+    if not isinstance(records, dict) or not all(isinstance(r, dict) and isinstance(r.get("outputs"), dict)
+                                                for r in records.values()):
+        raise ValueError(f"{path}: not the stage records this pipeline writes; delete it to run every stage again")
+    return records
 
 
 def check_domain_dir(folder: Path, written_before: Path | None = None) -> None:

@@ -44,11 +44,11 @@ class JobConfig:
     def run_dir(self) -> str:
         return self.run.directory()
 
-    def check_tracking(self, uri: str | None = None) -> str:
-        """The MLflow tracking URI the job logs to (`uri`, a pipeline's, else run.tracking_uri, else
-        $MLFLOW_TRACKING_URI, else the local server), refused when MLflow cannot open it. Not part of validate():
-        a job that logs nothing (--no-mlflow) or to another URI than its config's has no use for the check."""
-        return check_tracking_uri(uri or self.run.tracking_uri, "tracking_uri" if uri else "run.tracking_uri")
+    def check_tracking(self) -> str:
+        """The MLflow tracking URI the job logs to (run.tracking_uri, else $MLFLOW_TRACKING_URI, else the local
+        server), refused when MLflow cannot open it. Not part of validate(): a job that logs nothing (--no-mlflow),
+        or a pipeline's stage that logs where the pipeline says, has no use for the check."""
+        return check_tracking_uri(self.run.tracking_uri, "run.tracking_uri")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from cluster.runtime.models import local_model_dir
-from cluster.runtime.tracking import UPLOADED_FILE, RunLogger
 from gpt2.checkpoint import resolve_hub_name
 from gpt2.generate import stream
 from gpt2.hellaswag import HellaSwagExample, evaluate_hellaswag
@@ -169,15 +168,6 @@ def relative_to_first(rows: list[VariantRow]) -> list[VariantRow]:
 
 
 # ------------------------------------------------------------------------------------------------------ tracking
-
-
-def fresh_run_logger(run_dir: str | Path, **kwargs) -> RunLogger:
-    """A RunLogger that starts a new MLflow run: these jobs do not resume, so a previous run's id and metrics in
-    `run_dir` are dropped (as the job's other files there are replaced) instead of being continued."""
-    run_dir = Path(run_dir)
-    for name in ("mlflow_run_id", "metrics.jsonl", UPLOADED_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    return RunLogger(run_dir, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------ tables

@@ -28,22 +28,21 @@ def check_tracking_uri(configured: str | None, setting: str = "--tracking-uri") 
         return uri
     if uri in ("databricks", "databricks-uc"):  # MLflow's names of a workspace's default profile
         return uri
-    # A server named without http:// ("localhost:5000", "127.0.0.1:5000") reads as a folder or an unknown scheme.
-    hint = f"; a server is named with its scheme: http://{uri}" if re.fullmatch(r"[\w.-]+:\d+/?", uri) else ""
+    if re.fullmatch(r"[\w.-]+:\d+/?", uri):  # "localhost:5000" reads as a folder or an unknown scheme
+        raise ValueError(f"{origin}={uri}: a tracking server is named with its scheme, e.g. http://{uri}")
     scheme = urllib.parse.urlparse(uri).scheme.split("+")[0].lower()
     if scheme in ("", "file") or len(scheme) == 1:  # a path (a drive letter on Windows) or file:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
-        if MLFLOW_ALLOW_FILE_STORE.get() and not hint:
+        if MLFLOW_ALLOW_FILE_STORE.get():
             return uri
         raise ValueError(
             f"{origin}={uri}: MLflow 3 no longer writes runs to a folder (its file store is refused unless"
             f" MLFLOW_ALLOW_FILE_STORE=true); give a tracking server ({DEFAULT_TRACKING_URI}, started by `make demo`"
-            f" or `python -m cluster.runtime.local_services up`) or a database (sqlite:////absolute/path/mlflow.db)"
-            + hint)
+            " or `python -m cluster.runtime.local_services up`) or a database (sqlite:////absolute/path/mlflow.db)")
     if scheme not in STORE_SCHEMES:
         raise ValueError(f"{origin}={uri}: MLflow has no store for '{scheme}:' URIs (it takes"
-                         f" {', '.join(s + ':' for s in STORE_SCHEMES)}){hint}")
+                         f" {', '.join(s + ':' for s in STORE_SCHEMES)})")
     return uri
 
 

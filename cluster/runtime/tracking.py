@@ -242,6 +242,16 @@ class RunLogger:
                 self._offline(e)
 
 
+def fresh_run_logger(run_dir: str | Path, **kwargs: Any) -> RunLogger:
+    """A RunLogger that starts a new MLflow run, for the one-shot jobs (analyses, comparisons, profiles) that do not
+    resume: a previous run's id and metrics in `run_dir` are dropped, as the job's other files there are replaced,
+    rather than continued (which kept the old run's params and added the new figures to its metrics)."""
+    run_dir = Path(run_dir)
+    for name in ("mlflow_run_id", "metrics.jsonl", UPLOADED_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    return RunLogger(run_dir, **kwargs)
+
+
 def run_tags(run_name: str, num_workers: int, use_gpu: bool) -> dict[str, str]:
     """Tags every training run carries: the code version, the Ray job, the hardware."""
     import platform

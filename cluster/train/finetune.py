@@ -425,8 +425,11 @@ def finish_run(
 
 
 def run(cfg: FinetuneConfig, *, search: bool, tracking_uri: str | None = None) -> dict:
-    """The whole job: data, optional search, the fine-tune at the chosen learning rate, samples and registration."""
+    """The whole job: data, optional search, the fine-tune at the chosen learning rate, samples and registration.
+    MLflow: `tracking_uri`, else run.tracking_uri, else $MLFLOW_TRACKING_URI, else the local server, for every run
+    the job logs (the search's, the trials', the fine-tune's)."""
     cfg.validate(search=search)
+    tracking_uri = tracking_uri or cfg.run.tracking_uri
     data = prepare_data(cfg)
     print(f"domain data: {data.summary()}")
     data_ref = ray.put(data)
