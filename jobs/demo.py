@@ -58,12 +58,14 @@ def main() -> None:
     # runs and models must land here.
     paths = [f"root={PROJECT_ROOT / 'runs'}", f"data_dir={PROJECT_ROOT / 'data' / 'pydocs'}",
              f"domain_dir={PROJECT_ROOT / 'data' / 'domain'}"]
+    config = str(PROJECT_ROOT / args.config)  # the job opens this file, not one in its uploaded copy
     try:  # the config and every stage's, as the job will check them, before services start and the job is sent
-        load(PipelineConfig, PROJECT_ROOT / args.config, paths).validate()
+        load(PipelineConfig, config, paths).validate()
     except ValueError as e:
         sys.exit(f"error: {e}")
     up()
-    log_path = submit("jobs/pipeline.py", "--config", args.config, *paths, *(["--from", args.from_stage] if args.from_stage else []))
+    log_path = submit("jobs/pipeline.py", "--config", config, *paths,
+                      *(["--from", args.from_stage] if args.from_stage else []))
     print("\n=== demo finished ===")
     print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs, Train and Tune views; Serve)")
     print(f"MLflow UI:       {DEFAULT_TRACKING_URI}   (experiments pretrain, finetune, early-exit)")

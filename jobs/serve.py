@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from ray import serve as ray_serve
 
-    from serving.app import check_settings
     from serving.auth import API_KEY_ENV
     from serving.deploy import check_port, deploy
+    from serving.settings import check_settings
 
     try:  # before Ray starts: a mistake in the config costs no cluster
         check_settings(settings)

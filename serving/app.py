@@ -32,9 +32,8 @@ from serving.completions import collect_response, sse_stream
 from serving.metrics import ServerMetrics
 from serving.model_pool import ModelPool
 from serving.protocol import APIError, CompletionRequest, check_request, completion_id, validation_message
-from serving.settings import ServerSettings
+from serving.settings import ServerSettings, check_settings
 from serving.tokenization import DetokenizeRequest, TokenizeRequest, context_length
-from serving.variants import parse_variants
 
 log = logging.getLogger("ray.serve")
 LIGHT_REQUEST_SLACK = 32  # requests in flight per replica beyond the completions its engines take (build_app)
@@ -223,17 +222,6 @@ class ModelServer:
             return min(self.context.values())
         self._check_model(model)
         return self.context[model]
-
-
-def check_settings(args: dict) -> ServerSettings:
-    """The application's settings (the `args:` of serving/config.yaml), checked before anything is deployed; a
-    ValueError names the wrong fields or variant in one line."""
-    try:
-        settings = ServerSettings(**args)
-    except ValidationError as e:
-        raise ValueError(validation_message(e.errors(), "serve config")[0]) from e
-    parse_variants(settings.variants)  # fail at deploy time, with the variant named, not at the first request
-    return settings
 
 
 def build_app(args: dict) -> serve.Application:

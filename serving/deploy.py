@@ -24,7 +24,8 @@ def deploy(settings: dict, *, host: str = "127.0.0.1", port: int = 8000, name: s
     except RuntimeError as e:  # Serve's proxy reports a failed bind as the remote error of its actor, traceback and all
         if "Failed to bind" in str(e):
             raise RuntimeError(f"Serve's HTTP proxy cannot listen on {host}:{port}: another program may hold the port"
-                               f" (or it needs privileges), or {host} is not an address of this machine") from None
+                               f" (or it needs privileges), or {host} is not an address of this machine; choose"
+                               " another port or host") from None
         raise
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     wait_healthy(f"{base}/healthz", timeout)

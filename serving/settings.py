@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from serving.protocol import Limits
+from serving.protocol import Limits, validation_message
 
 
 class ServerSettings(BaseModel):
@@ -39,3 +39,17 @@ class ServerSettings(BaseModel):
     # Fault drills only, never in production: lets whoever holds a Serve handle to ModelServer (not HTTP clients)
     # make a variant's decoding die with ModelServer.drill_crash_decoding_thread (tests/test_serve_faults.py).
     fault_drills: bool = False
+
+
+def check_settings(args: dict) -> ServerSettings:
+    """The application's settings (the `args:` of serving/config.yaml), checked before anything is deployed (by
+    jobs/serve.py and the pipeline before Ray starts, and by the application builder): a ValueError names the wrong
+    fields or variant in one line, where a bad variant used to fail at its first request."""
+    from serving.variants import parse_variants  # torch and the model loaders: only when settings are checked
+
+    try:
+        settings = ServerSettings(**args)
+    except ValidationError as e:
+        raise ValueError(validation_message(e.errors(), "serve config")[0]) from e
+    parse_variants(settings.variants)
+    return settings

@@ -245,10 +245,13 @@ def test_the_pipeline_writes_its_domain_corpus_only_where_it_may(tmp_path, capsy
     check_domain_dir(tmp_path / "link" / "notes", written_before=notes)
     record = tmp_path / "runs" / "pipeline" / "local" / "stages.json"
     record.parent.mkdir(parents=True)
-    record.write_text("{not json")
-    with pytest.raises(SystemExit, match=rf"error: {record}: cannot read the stage records .*delete it"):
-        load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
-    record.write_text(json.dumps({"prepare": {"outputs": {"domain": str(notes / DOMAIN_FILE)}}}))
+    for text, message in (("{not json", "cannot read the stage records"),
+                          ('{"prepare": {"outputs": {}}}', "not the stage records this pipeline writes")):
+        record.write_text(text)
+        with pytest.raises(SystemExit, match=rf"error: {record}: {message}.*delete it"):
+            load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
+    record.write_text(json.dumps({"prepare": {"key": "k", "outputs": {"domain": str(notes / DOMAIN_FILE)},
+                                              "seconds": 1.0, "at": 0.0}}))
     with pytest.raises(SystemExit) as stop:
         load_job("pipeline").main(["--print-config", f"root={tmp_path / 'runs'}", f"domain_dir={notes}"])
     assert stop.value.code == 0

@@ -503,7 +503,8 @@ def test_serve_job_names_a_port_another_program_holds(tmp_path):
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: Serve's HTTP proxy cannot listen on 127.0.0.1:{port}: another program may hold the"
-                      " port (or it needs privileges), or 127.0.0.1 is not an address of this machine"], \
+                      " port (or it needs privileges), or 127.0.0.1 is not an address of this machine; choose another"
+                      " port or host"], \
         done.stderr[-3000:]
 
 

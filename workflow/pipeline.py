@@ -115,8 +115,8 @@ class PipelineConfig:
                 with _stage(stage):
                     config.check_tracking()
         with _stage("serve"):
-            from serving.app import check_settings
             from serving.deploy import check_port
+            from serving.settings import check_settings
 
             check_port(self.serve_port, "serve_port")
             check_settings(self.serve_settings({"pretrained": model, "finetuned": model, "early-exit": model}))
@@ -129,7 +129,7 @@ class PipelineConfig:
         """The folder where this pipeline's last prepare stage wrote its domain corpus (stages.json), which may
         predate the marker file."""
         domain = read_stage_records(self.pipeline_dir() / STAGE_RECORDS).get("prepare", {}).get("outputs", {})
-        return Path(domain["domain"]).parent if domain.get("domain") else None
+        return Path(domain["domain"]).parent if isinstance(domain.get("domain"), str) else None
 
 
 @dataclass
@@ -228,6 +228,9 @@ class Pipeline:
         given = self.cfg.hellaswag_path
         hellaswag = str(_abs(given)) if given else self.results["prepare"].outputs["cloze"]
 
+        pretrained = self.cfg.pretrain_recipe(self.results["prepare"].outputs["shards"])
+        tracking = self.tracking_uri or pretrained.run.tracking_uri  # the server the pretraining run is on
+
         def run() -> dict:
             model = load_model(pre["final"])
             val_tokens = split_tokens(self.results["prepare"].outputs["shards"], "val").tolist()
@@ -237,10 +240,8 @@ class Pipeline:
             out.parent.mkdir(parents=True, exist_ok=True)
             record = {"model": pre["final"], "hellaswag_file": hellaswag, "metrics": metrics}
             write_file_atomically(out, json.dumps(record, indent=2).encode())
-            # Into the pretraining run's MLflow record (its run id is kept in the run directory).
-            pretrained = self.cfg.pretrain_recipe(self.results["prepare"].outputs["shards"])
-            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name,
-                           uri=self.tracking_uri or pretrained.run.tracking_uri)
+            # Into the pretraining run's MLflow record (its run id is kept in the run directory), on its server.
+            log_evaluation(pre["final"], metrics, out, run_name=self.cfg.name, uri=tracking)
             return {"results": str(out), "metrics": metrics}
 
         return self.run_stage("evaluate", {"pretrain": self.key("pretrain"), "hellaswag": hellaswag,
@@ -330,8 +331,9 @@ def read_stage_records(path: Path) -> dict[str, dict]:
         records = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the stage records ({e}); delete it to run every stage again") from e
-    if not isinstance(records, dict) or not all(isinstance(r, dict) and isinstance(r.get("outputs"), dict)
-                                                for r in records.values()):
+    if not isinstance(records, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("outputs"), dict)
+            for r in records.values()):
         raise ValueError(f"{path}: not the stage records this pipeline writes; delete it to run every stage again")
     return records
 
