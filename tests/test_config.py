@@ -87,6 +87,12 @@ def test_output_paths_of_the_wrong_kind_are_refused_when_a_job_starts(tmp_path, 
     with pytest.raises(SystemExit):
         load_job("compare").parse_args(["--model", "a=gpt2", "--shards", str(tmp_path), "--output", str(a_file)])
     assert f"argument --output: {a_file} is a file; give a folder" in capsys.readouterr().err
+    (tmp_path / "train").mkdir()  # a training run's folder: its metrics.jsonl and MLflow run id are not replaced
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit):
+        load_job("analyze_tokenizer").parse_args(["--output", str(tmp_path)])
+    assert f"argument --output: {tmp_path} is a training run's folder (it holds train/)" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
     with pytest.raises(SystemExit):
         load_job("evaluate").parse_args(["--model", "gpt2", "--output", str(tmp_path)])
     assert f"argument --output: {tmp_path} is a folder; give the file to write" in capsys.readouterr().err

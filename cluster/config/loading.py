@@ -193,11 +193,15 @@ class OverridesParser(argparse.ArgumentParser):
 
 
 def output_folder(text: str) -> Path:
-    """argparse type of a job's output folder: a path that is a file is refused when the job starts, not after its
-    work, when the first file is written there."""
+    """argparse type of a one-shot job's output folder: a path that is a file is refused when the job starts, not
+    after its work, when the first file is written there; so is a training run's folder (it holds train/, Ray
+    Train's checkpoints), whose metrics.jsonl and MLflow run id the job would replace with its own."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (made if missing)")
+    if (path / "train").is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a training run's folder (it holds train/); give this job a"
+                                         " folder of its own")
     return path
 
 
