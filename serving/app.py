@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from serving import tokenization
 from serving.auth import OPEN_PATHS, api_key_from_env, check_authorization
@@ -52,6 +53,23 @@ app = FastAPI(title="GPT-2 on Ray Serve", docs_url="/docs", dependencies=[Depend
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@app.exception_handler(HTTPException)
+async def _no_such_route(request: Request, e: HTTPException) -> JSONResponse:
+    """FastAPI's own answers (404 for a path no route has, 405 for a method a route does not take) in the API's error
+    shape, so that an OpenAI client shows what went wrong rather than "Not Found"."""
+    where = f"{request.method} {request.url.path}"
+    if e.status_code == 404 and request.url.path.endswith("/chat/completions"):
+        message = (f"{where}: GPT-2 models are not chat models and have no chat template; send the text as a prompt"
+                   " to /v1/completions")
+    elif e.status_code == 404:
+        prefix = request.scope.get("root_path", "")  # the application's route prefix, e.g. /gpt2
+        routes = ", ".join(prefix + path for path in sorted(request.app.openapi()["paths"]))
+        message = f"{where}: no such route; this server answers {routes}"
+    else:
+        message = f"{where}: {e.detail}"
+    return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -105,15 +123,18 @@ class ModelServer:
     @app.get("/v1/models")
     async def list_models(self) -> dict:
         """The variants, with what a client may know of them: never their source (a local path or MLflow URI)."""
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": self.started, "owned_by": "gpt2-ray",
-                 "max_model_len": self.context[name], "dtype": spec.dtype, "quantize": spec.quantize,
-                 "description": spec.description}
-                for name, spec in self.variants.items()
-            ],
-        }
+        return {"object": "list", "data": [self._model_card(name) for name in self.variants]}
+
+    def _model_card(self, name: str) -> dict:
+        spec = self.variants[name]
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "gpt2-ray",
+                "max_model_len": self.context[name], "dtype": spec.dtype, "quantize": spec.quantize,
+                "description": spec.description}
+
+    @app.get("/v1/models/{model}")
+    async def retrieve_model(self, model: str) -> dict:
+        self._check_model(model)
+        return self._model_card(model)
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
@@ -200,6 +221,8 @@ class ModelServer:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from e
+        except RecursionError as e:  # the parser recurses per nesting level: [[[[...]]]] within the size limit
+            raise APIError(400, "the body's JSON is nested too deeply") from e
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         try:

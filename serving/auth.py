@@ -34,11 +34,6 @@ class Unauthorized(APIError):
     def __init__(self, message: str) -> None:
         super().__init__(401, message, code="invalid_api_key")
 
-    def body(self) -> dict:
-        body = super().body()
-        body["error"]["type"] = "invalid_request_error"
-        return body
-
 
 def api_key_from_env(configured: SecretStr | None) -> SecretStr | None:
     """The configured key, else GPT2_API_KEY from the environment (an empty value counts as unset)."""

@@ -29,6 +29,7 @@ from serving.protocol import (
     StopMatcher,
     StopText,
     chunk,
+    fit_prompt,
     logprobs_block,
     merge_logprobs,
     response,
@@ -107,20 +108,24 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
     from serving.engine import EngineOverloaded, EngineUnavailable, Finished, PromptLogprobs, Token
 
     enc = get_tokenizer()
-    prompts = [p if isinstance(p, list) else enc.encode(p, allowed_special={"<|endoftext|>"}) for p in req.prompts()]
+    given = [p if isinstance(p, list) else enc.encode(p, allowed_special={"<|endoftext|>"}) for p in req.prompts()]
+    prompts = []
     try:
-        for i, p in enumerate(prompts):
-            check_prompt(p, engine.config, req.max_tokens)
-    except ValueError as e:
-        where = f"prompt {i}: " if len(prompts) > 1 else ""
-        yield [{"event": "error", "status": 400, "message": where + str(e), "param": "prompt"}]
+        for i, p in enumerate(given):
+            prompts.append(fit_prompt(p, req, engine.config.block_size))
+            check_prompt(prompts[-1], engine.config, req.max_tokens)  # the token ids
+    except (APIError, ValueError) as e:
+        where = f"prompt {i}: " if len(given) > 1 else ""
+        param = e.param if isinstance(e, APIError) else "prompt"
+        yield [{"event": "error", "status": 400, "message": where + str(e), "param": param}]
         return
     deadline = time.monotonic() + limits.request_timeout_s
     params = req.sampling_params()
     # A long stop string's table is built off the event loop: other requests' events keep flowing meanwhile.
     stops = req.stops()
     matcher = await asyncio.to_thread(StopMatcher, stops) if sum(map(len, stops)) > 10_000 else StopMatcher(stops)
-    texts = [p if isinstance(p, str) else enc.decode(list(p), errors="replace") for p in req.prompts()]
+    texts = [p if isinstance(p, str) and len(fit) == len(whole) else enc.decode(fit, errors="replace")
+             for p, whole, fit in zip(req.prompts(), given, prompts)]
     choices = [_Choice(j * req.n + i, p, texts[j], matcher, req) for j, p in enumerate(prompts) for i in range(req.n)]
     pump = _pump()
     events: asyncio.Queue = asyncio.Queue()

@@ -32,7 +32,7 @@ class CompletionRequest(BaseModel):
     clients written for other servers keep working.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # JSON's NaN/Infinity extension is no number
 
     model: StrictStr
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
@@ -60,6 +60,7 @@ class CompletionRequest(BaseModel):
     user: StrictStr | None = None
     # Early-exit variants: exit when the classifier's score reaches this (0 exits always, above 1 never).
     early_exit_threshold: Number | None = Field(None, ge=0)
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)  # vLLM's: keep the last k tokens; -1: the context
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each text or token ids (OpenAI accepts all four shapes)."""
@@ -118,8 +119,10 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 503: "server_overloaded"}.get(self.status, "server_error")
+        if self.status == 503:
+            kind = "server_overloaded"
+        else:  # 4xx: the client's to mend
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -157,6 +160,9 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int = 5025
     if stop_chars > limits.max_stop_chars:
         raise APIError(400, f"the stop strings hold {stop_chars} characters; the limit is"
                        f" {limits.max_stop_chars}", param="stop")
+    if req.truncate_prompt_tokens == 0:
+        raise APIError(400, "truncate_prompt_tokens=0 would keep no prompt: give the number of the prompt's last"
+                       " tokens to keep, or -1 for the model's context", param="truncate_prompt_tokens")
     ids = req.stop_token_ids or []
     if len(ids) > limits.max_stop_token_ids:
         raise APIError(400, f"{len(ids)} stop_token_ids; the limit is {limits.max_stop_token_ids}",
@@ -175,6 +181,23 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int = 5025
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias: the bias of token {key} is {value}; it must be in [-100, 100]",
                            param="logit_bias")
+
+
+def fit_prompt(tokens: list[int], req: CompletionRequest, context: int) -> list[int]:
+    """The prompt the model reads: its last `truncate_prompt_tokens` tokens where the request asks so (-1: as many as
+    the context holds), refused when it and `max_tokens` do not fit the model's context."""
+    keep = req.truncate_prompt_tokens
+    if keep is not None:
+        if keep > context:
+            raise APIError(400, f"truncate_prompt_tokens={keep} is above the model's context of {context} tokens",
+                           param="truncate_prompt_tokens")
+        tokens = tokens[-(context if keep == -1 else keep):]
+    if len(tokens) + req.max_tokens > context:
+        mend = "lower max_tokens" if keep is not None else (
+            "shorten the prompt, lower max_tokens, or set truncate_prompt_tokens to keep the prompt's last tokens")
+        raise APIError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({req.max_tokens}) exceeds the"
+                       f" model's context of {context} tokens; {mend}", param="prompt")
+    return tokens
 
 
 def validation_message(errors: list[dict], subject: str = "invalid request") -> tuple[str, str | None]:

@@ -310,6 +310,28 @@ def test_bad_requests_get_clear_errors(server, body, status, fragment):
     assert fragment in error["message"] and error["type"]
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server):
+    ids = [1000 + i for i in range(200)]  # beyond the tiny model's 128-token context
+    r = post(server, {"model": "pretrained", "prompt": ids, "max_tokens": 4})
+    message = r.json()["error"]["message"]  # in the API's own terms: max_tokens, the field that truncates
+    assert r.status_code == 400 and "max_tokens (4)" in message and "truncate_prompt_tokens" in message, r.text
+    greedy = {"model": "pretrained", "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 0}
+    cut = post(server, {**greedy, "prompt": ids, "truncate_prompt_tokens": 100}).json()
+    alone = post(server, {**greedy, "prompt": ids[-100:]}).json()
+    assert cut["choices"] == alone["choices"] and cut["usage"] == alone["usage"]
+    assert cut["usage"]["prompt_tokens"] == 100
+    scored = post(server, {**greedy, "prompt": ids, "max_tokens": 0, "truncate_prompt_tokens": -1}).json()
+    assert len(scored["choices"][0]["logprobs"]["tokens"]) == 128  # -1: as much as the context holds
+    text = post(server, {**greedy, "prompt": "one two three four", "truncate_prompt_tokens": 2}).json()
+    assert text["choices"][0]["text"].startswith(" three four")  # the echo is the prompt the model read
+    for keep, fragment in ((129, "above the model's context of 128"), (0, "keep no prompt")):
+        r = post(server, {**greedy, "prompt": ids, "truncate_prompt_tokens": keep})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "truncate_prompt_tokens"
+    r = post(server, {**greedy, "prompt": ids, "truncate_prompt_tokens": 126})
+    assert r.status_code == 400 and "lower max_tokens" in r.json()["error"]["message"], r.text
+
+
 def test_malformed_json_and_server_still_up(server):
     r = httpx.post(f"{server['base']}/v1/completions", content=b'{"model": "pretrained", "prompt": ',
                    headers={"Content-Type": "application/json"})

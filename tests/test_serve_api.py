@@ -113,6 +113,37 @@ def test_models_say_what_a_client_needs_and_no_paths(server):
     assert str(server["root"]) not in r.text and "/tmp" not in r.text
 
 
+def test_openai_client_retrieves_a_model_and_reads_why_a_route_is_missing(server):
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key=KEY, max_retries=0)
+    model = client.models.retrieve("wide")
+    assert model.id == "wide" and model.object == "model" and model.model_extra["max_model_len"] == 256
+    with pytest.raises(NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(NotFoundError) as chat:  # what a chat UI pointed at this server sends first
+        client.chat.completions.create(model="pretrained", messages=[{"role": "user", "content": "Hi"}])
+    assert "no chat template" in chat.value.message and "/v1/completions" in chat.value.message
+    r = httpx.get(f"{server['base']}/v1/engines", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert f"{PREFIX}/v1/completions" in r.json()["error"]["message"]  # the routes there are, as a client calls them
+    r = httpx.delete(f"{server['base']}/v1/completions", headers=AUTH)
+    assert r.status_code == 405 and "DELETE" in r.json()["error"]["message"], r.text
+
+
+def test_json_the_server_cannot_use_is_refused_cleanly(server):
+    deep = b'{"model": "pretrained", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # 10 KB, within the limit
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        r = httpx.post(server["base"] + path, content=deep, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], (path, r.text)
+    for value in ("NaN", "Infinity", "-Infinity"):  # Python's JSON reader takes them; they are no temperature
+        r = httpx.post(server["base"] + "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+                       content=f'{{"model": "pretrained", "prompt": "Hi", "temperature": {value}}}'.encode())
+        assert r.status_code == 422 and "finite number" in r.json()["error"]["message"], (value, r.text)
+    assert complete(server, {"model": "pretrained", "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
 def test_tokenize_and_detokenize(server):
     def post(path, body):
         return httpx.post(f"{server['base']}{path}", json=body, headers=AUTH)
