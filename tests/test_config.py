@@ -213,7 +213,7 @@ def test_the_pipeline_checks_every_stage_before_the_first_one_runs(tmp_path, mon
         ("pretrain_overrides=[run.tracking_uri=ftp://x]", "the pretrain stage: run.tracking_uri=ftp://x: MLflow has"),
         ("eval_actors=0", "eval_actors must be >= 1"),
         ("serve_port=0", "the serve stage: serve_port must be a TCP port number in 1-65535, got 0"),
-        ("serve_replica_cpus=-1", "the serve stage: serve config: model_replica_cpus: Input should be greater"),
+        ("serve_replica_cpus=-1", "serve_replica_cpus must be >= 0, got -1"),
         (f"hellaswag_path={tmp_path / 'none.jsonl'}", r"hellaswag_path=.*none.jsonl: no such file"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -392,7 +392,8 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
     kind and fetches a completion over HTTP. The plain command then runs under that name (appended) after a head
     with token authentication was started as `make demo` starts it, which it finds on this machine: every stage is
     done, so it only serves again, on that head. `--from early_exit` reruns that stage and serving on the same head,
-    named by RAY_ADDRESS in a shell without RAY_AUTH_MODE."""
+    named by RAY_ADDRESS in a shell without RAY_AUTH_MODE, with the MLflow server named by the pipeline's
+    tracking_uri rather than the shell."""
     from cluster.runtime.local_services import free_port
     from tests.multinode import LocalCluster
 
@@ -425,8 +426,10 @@ def test_the_pipeline_commands_run(tmp_path, mlflow_server):
         assert "started a local ray instance" not in output.lower(), output[-3000:]  # Ray's words when it starts one
         assert head.runs(head.head, "ServeReplica"), "the variants are not served by the head"
 
-        named = {**tracking, "RAY_ADDRESS": head.address}
-        output = _run_as_written(later, work, *tiny, "name=exp2", extra_env=named)
+        # The pipeline's own tracking_uri, while the shell's names a port where nothing listens: every stage that
+        # runs logs and registers on the pipeline's server.
+        named = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "RAY_ADDRESS": head.address}
+        output = _run_as_written(later, work, *tiny, "name=exp2", f"tracking_uri={mlflow_server}", extra_env=named)
         for stage in ("prepare", "pretrain", "evaluate", "finetune"):
             assert f"[{stage}] unchanged since the last run: skipped" in output, output[-3000:]
         assert "[early_exit] running" in output and "[serve] running" in output

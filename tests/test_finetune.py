@@ -42,8 +42,9 @@ def test_lr_search_then_finetune(ray_session, mlflow_server, domain, tmp_path):
     # The good rate first: with one trial at a time, ASHA compares the later (much worse) one against it after its
     # first epoch and stops it. Two trials are all that takes; each one more costs a trial's start-up.
     cfg = config(domain, tmp_path, "search.lrs=[3e-3, 1e-6]", "search.epochs=3", "search.grace_period=1",
-                 "search.reduction_factor=2", "search.max_concurrent=1", "run.name=searched")
-    summary = run(cfg, search=True, tracking_uri=mlflow_server)
+                 "search.reduction_factor=2", "search.max_concurrent=1", "run.name=searched",
+                 f"run.tracking_uri={mlflow_server}")
+    summary = run(cfg, search=True)  # the config's server, not the environment's (where nothing listens)
     rows = summary["search"].rows
     assert [r["lr"] for r in rows] == sorted([3e-3, 1e-6])
     assert summary["lr"] == 3e-3 == min(rows, key=lambda r: r["best_val_loss"])["lr"]

@@ -95,6 +95,8 @@ class PipelineConfig:
         for name in ("cloze_examples", "eval_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.serve_replica_cpus < 0:
+            raise ValueError(f"serve_replica_cpus must be >= 0, got {self.serve_replica_cpus}")
         if self.hellaswag_path and not _abs(self.hellaswag_path).is_file():
             raise ValueError(f"hellaswag_path={self.hellaswag_path}: no such file")
         check_domain_dir(_abs(self.domain_dir), written_before=self.domain_written_before())
