@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from cluster.config import check_counts, output_folder, plain_name
+from cluster.config import add_output_options, check_counts, default_output
 from cluster.eval.compression import markdown_table, validation_tokens, write_csv
 from cluster.eval.head_analysis import (
     CLAIM_FRACTION,
@@ -84,11 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pruning.add_argument("--hellaswag-limit", type=int, metavar="N", help="only the first N HellaSwag examples")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available); the analysis runs in float32")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of --preset (default 0)")
-    out = p.add_argument_group("output")
-    out.add_argument("--name", type=plain_name, help="run name (default: heads-<UTC time>)")
-    out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
-    out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
-    out.add_argument("--no-mlflow", action="store_true", help="only write the files")
+    add_output_options(p, EXPERIMENT, "heads-<UTC time>")
     args = p.parse_args(argv)
     check_counts(p, args, "analysis_batches", "batch_size", "seq_len", "eval_tokens", "hellaswag_limit")
     bad = [f for f in [*args.fractions, *args.save] if not 0 <= f < 1]
@@ -101,8 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.hellaswag_limit and not args.hellaswag:
         p.error("--hellaswag-limit needs --hellaswag")
     args.fractions = sorted({0.0, *args.fractions, *args.save})
-    args.name = args.name or f"heads-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    args.output = args.output or Path("runs") / EXPERIMENT / args.name
+    default_output(args, EXPERIMENT, "heads")
     return args
 
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import check_counts, output_folder, plain_name
+from cluster.config import add_output_options, check_counts, default_output
 from cluster.data.sources import SOURCE_KINDS, BadSourceError, SourceSpec, iter_documents, resolve_source
 from cluster.runtime.mlflow_connection import check_tracking_uri
 from cluster.runtime.tracking import fresh_run_logger
@@ -54,12 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     analysis.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=list(ENCODINGS),
                           help="encodings to compare; the first one ranks the most fragmented words (default: all)")
     analysis.add_argument("--top-words", type=int, default=30, metavar="N", help="most fragmented words listed (30)")
-    out = p.add_argument_group("output")
-    out.add_argument("--name", type=plain_name, help="run name (default: <source>-<UTC time>)")
-    out.add_argument("--output", type=output_folder, metavar="DIR",
-                     help="report folder (default runs/tokenizer-analysis/<name>)")
-    out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
-    out.add_argument("--no-mlflow", action="store_true", help="only write the files")
+    add_output_options(p, EXPERIMENT, "<source>-<UTC time>")
     args = p.parse_args(argv)
     check_counts(p, args, "max_documents", "top_words")
     if len(set(args.encodings)) != len(args.encodings):
@@ -69,8 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                text_field=args.text_field, txt_delimiter=args.txt_delimiter)
     except ValueError as e:
         p.error(str(e))
-    args.name = args.name or f"{args.source}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    args.output = args.output or Path("runs") / EXPERIMENT / args.name
+    default_output(args, EXPERIMENT, args.source)
     return args
 
 

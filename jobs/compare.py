@@ -25,14 +25,13 @@ import argparse
 import importlib.util
 import re
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from cluster.config import check_counts, output_folder, plain_name
+from cluster.config import add_output_options, check_counts, default_output
 from cluster.eval.compression import (
     VariantRow,
     files_bytes,
@@ -93,11 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--decode-tokens", type=int, default=64, metavar="N",
                       help="greedy tokens decoded per speed run (default 64; fewer if the context is shorter)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available); int8 runs on the CPU")
-    out = p.add_argument_group("output")
-    out.add_argument("--name", type=plain_name, help="run name (default: compare-<UTC time>)")
-    out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{EXPERIMENT}/<name>")
-    out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
-    out.add_argument("--no-mlflow", action="store_true", help="only write the files")
+    add_output_options(p, EXPERIMENT, "compare-<UTC time>")
     args = p.parse_args(argv)
     check_counts(p, args, "eval_tokens", "hellaswag_limit", "decode_tokens")
     try:
@@ -117,8 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--hellaswag {args.hellaswag}: no such file")
     if args.hellaswag_limit and not args.hellaswag:
         p.error("--hellaswag-limit needs --hellaswag")
-    args.name = args.name or f"compare-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    args.output = args.output or Path("runs") / EXPERIMENT / args.name
+    default_output(args, EXPERIMENT, "compare")
     return args
 
 

@@ -3,10 +3,12 @@ that several jobs share (`sections`), and one config per job (`pretrain`, `finet
 
 from cluster.config.loading import (
     ConfigError,
+    add_output_options,
     build,
     check_counts,
     check_name,
     config_for_job,
+    default_output,
     flatten,
     job_parser,
     load,
@@ -17,5 +19,6 @@ from cluster.config.loading import (
     to_dict,
 )
 
-__all__ = ["ConfigError", "build", "check_counts", "check_name", "config_for_job", "flatten", "job_parser", "load",
-           "output_file", "output_folder", "parse_override", "plain_name", "to_dict"]
+__all__ = ["ConfigError", "add_output_options", "build", "check_counts", "check_name", "config_for_job",
+           "default_output", "flatten", "job_parser", "load", "output_file", "output_folder", "parse_override",
+           "plain_name", "to_dict"]

@@ -13,6 +13,7 @@ import json
 import sys
 import types
 import typing
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -203,6 +204,22 @@ def output_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a training run's folder (it holds train/); give this job a"
                                          " folder of its own")
     return path
+
+
+def add_output_options(parser: argparse.ArgumentParser, experiment: str, name_default: str) -> None:
+    """The output options of the one-shot jobs (analyses, comparisons): a run name, the folder of its files, and
+    where, if anywhere, MLflow records it. `name_default` says what --name defaults to, for the help."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--name", type=plain_name, help=f"run name (default: {name_default})")
+    out.add_argument("--output", type=output_folder, metavar="DIR", help=f"default runs/{experiment}/<name>")
+    out.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local server)")
+    out.add_argument("--no-mlflow", action="store_true", help="only write the files")
+
+
+def default_output(args: argparse.Namespace, experiment: str, prefix: str) -> None:
+    """Fills in what add_output_options left unset: the name <prefix>-<UTC time>, the folder runs/<experiment>/<name>."""
+    args.name = args.name or f"{prefix}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    args.output = args.output or Path("runs") / experiment / args.name
 
 
 def output_file(text: str) -> Path:
