@@ -16,6 +16,11 @@ and the engine's closed loop with the level's requests (`serving.engine`). So ea
 costs against one batch and what HTTP and Ray Serve cost against the engine. Also printed: `gpt2.generate` at batch 1
 and the served engine's mean decoding batch.
 
+Then one long prompt with several choices (`--shared-prompt-tokens`, `--choices`): a request for n sampled
+completions of a prompt of random token ids, timed against the same request for one, on each server. How much
+more n cost shows whether the prompt is computed once for all n. Every request has a prompt of its own, so a
+server's cache of earlier prompts (vLLM's prefix cache) does not count.
+
   python -m benchmarks.bench_serve                                   # this project's server only
   python -m benchmarks.bench_serve --model-dir DIR --peer-url http://127.0.0.1:8100   # DIR: what the peer serves
   python -m benchmarks.bench_serve --levels 1,2 --requests-per-level 1 --tokens 16    # a quick check
@@ -186,6 +191,52 @@ async def closed_loop(
     )
 
 
+@dataclass
+class SharedPromptResult:
+    server: str
+    one_choice_s: float | None  # median seconds of a request for one completion
+    n_choices_s: float | None  # ... and for `choices` completions of the same prompt
+    errors: list[str] = field(default_factory=list)
+
+
+def shared_prompt(base: str, model: str, server: str, headers: dict, prompt_tokens: int, choices: int,
+                  repeats: int, seed: int) -> SharedPromptResult:
+    """Median seconds of a non-streamed request for 1 and for `choices` sampled completions of 16 tokens, each with
+    a new prompt of `prompt_tokens` random token ids (the same prompts on every server: the same `seed`)."""
+    import random
+
+    rng = random.Random(seed)
+    times: dict[int, list[float]] = {1: [], choices: []}
+    errors = []
+    with httpx.Client(timeout=600, headers=headers) as client:
+        for _ in range(repeats):
+            for n in times:
+                body = {"model": model, "prompt": [rng.randrange(50000) for _ in range(prompt_tokens)], "n": n,
+                        "max_tokens": 16, "temperature": 1.0, "seed": 1, "ignore_eos": True}
+                t0 = time.perf_counter()
+                r = client.post(f"{base}/v1/completions", json=body)
+                if r.status_code == 200 and len(r.json().get("choices", [])) == n:
+                    times[n].append(time.perf_counter() - t0)
+                else:
+                    errors.append(f"n={n}: HTTP {r.status_code}: {_short(r.text)}")
+    return SharedPromptResult(server, percentile(times[1], 0.5), percentile(times[choices], 0.5), errors)
+
+
+def print_shared_prompt(rows: list[SharedPromptResult], prompt_tokens: int, choices: int) -> None:
+    print(f"\none prompt of {prompt_tokens} tokens, 16 new tokens a choice: median seconds of a request for 1 and for"
+          f" {choices} choices (n={choices} costs n times 1 when every choice computes the prompt again)")
+    peer = next((r for r in rows if r.server == "peer"), None)
+    print(f"  {'server':<22} {'n=1 s':>7} {f'n={choices} s':>7} {'n/1':>6}" + (f" {'ours/peer':>10}" if peer else ""))
+    for r in rows:
+        line = f"  {r.server:<22} {_f(r.one_choice_s, '7.2f'):>7} {_f(r.n_choices_s, '7.2f'):>7} " \
+               f"{_ratio(r.n_choices_s, r.one_choice_s):>6}"
+        if peer is not None and r is not peer:  # time ratio: below 1 is faster than the peer
+            line += f" {_ratio(r.n_choices_s, peer.n_choices_s):>10}"
+        print(line)
+        for e in r.errors[:3]:
+            print(f"  ! {r.server}: {e}")
+
+
 def peer_info(base: str, model: str | None, headers: dict) -> tuple[str, dict]:
     """The peer's model name (given, or the first id of GET /v1/models) and what /v1/models and /version say.
     Exits with one line when the peer does not answer."""
@@ -352,19 +403,25 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens of every completion")
     p.add_argument("--levels", default="1,8,16", help="concurrency levels, comma-separated")
     p.add_argument("--requests-per-level", type=int, default=4, help="requests per level and server = this × level")
-    p.add_argument("--max-batch", type=int, help="our engine's decoding rows (default: the highest level)")
+    p.add_argument("--max-batch", type=int,
+                   help="our engine's decoding rows (default: the highest level, or --choices if that is more)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, in our replica and in-process alike")
     p.add_argument("--stream-batch-ms", type=float, help="our server's stream_batch_ms: how long a streamed token may "
                    "wait to share its message with the next ones (default: the server's, serving/app.py)")
     p.add_argument("--reference-repeats", type=int, default=3, help="in-process batch-1 generations to time")
+    p.add_argument("--shared-prompt-tokens", type=int, default=512,
+                   help="prompt length of the several-choices request (default 512; 0: skip it)")
+    p.add_argument("--choices", type=int, default=4, help="n of the several-choices request (default 4)")
     p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     args = p.parse_args()
     try:
         levels = [int(x) for x in args.levels.split(",") if x.strip()]
     except ValueError:
         p.error(f"--levels {args.levels!r}: give comma-separated integers, e.g. 1,8,16")
-    if not levels or min(levels) < 1 or args.tokens < 1 or args.requests_per_level < 1:
-        p.error("--levels, --tokens and --requests-per-level must be positive")
+    if not levels or min(levels) < 1 or args.tokens < 1 or args.requests_per_level < 1 or args.choices < 2:
+        p.error("--levels, --tokens and --requests-per-level must be positive, --choices at least 2")
+    if args.shared_prompt_tokens < 0:
+        p.error("--shared-prompt-tokens must be >= 0")
     if args.peer_url and args.model_dir is None:
         p.error("--peer-url needs --model-dir: the directory the peer serves, so that both serve the same checkpoint")
     if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
@@ -411,7 +468,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     if peer_url:
         version = f", version {peer['version']}" if peer.get("version") else ""
         print(f"peer: {peer_url}, model id {peer_model!r}{version}")
-    max_batch = args.max_batch or max(levels)
+    max_batch = args.max_batch or max(*levels, args.choices if args.shared_prompt_tokens else 1)
     from serving.settings import ServerSettings
 
     stream_batch_ms = ServerSettings(variants={}).stream_batch_ms if args.stream_batch_ms is None \
@@ -442,6 +499,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: list[LevelResult] = []
+    shared: list[SharedPromptResult] = []
     stats = None
     try:
         settings = {"variants": variants, "max_batch": max_batch, "max_pending": 64,
@@ -461,6 +519,10 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
             results.extend(rows)
             print_level(rows, args.tokens, rows[-1] if peer_url else None)
             sys.stdout.flush()
+        if args.shared_prompt_tokens:
+            shared = [shared_prompt(url, model, label, headers, args.shared_prompt_tokens, args.choices,
+                                    args.reference_repeats, seed=0) for label, url, model, headers in servers]
+            print_shared_prompt(shared, args.shared_prompt_tokens, args.choices)
         try:
             stats = httpx.get(f"{base}/v1/stats", timeout=30, headers=ours_headers).json()
         except (httpx.HTTPError, ValueError):
@@ -495,6 +557,8 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         "peer": {"url": peer_url, "model": peer_model, **peer} if peer_url else None,
         "in_process": {label: asdict(measured) for label, measured in local.items()},
         "levels": [asdict(r) for r in results],
+        "shared_prompt": {"prompt_tokens": args.shared_prompt_tokens, "choices": args.choices,
+                          "servers": [asdict(r) for r in shared]},
         "ratios_ours_over_peer": [
             {"concurrency": r.concurrency, "server": r.server,
              "tokens_per_s": r.tokens_per_s / p.tokens_per_s if p.tokens_per_s else None,

@@ -134,6 +134,7 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
         return lambda event: pump.put(events, (index, event))
 
     wants_prompt_lp = req.echo and req.logprobs is not None
+    first_with: dict[tuple, object] = {}  # prompt → the first choice's handle: the others share its prefill
     try:
         for c in choices:  # OpenAI order: all n of prompt 0, then prompt 1, ...
             i = c.index % req.n
@@ -145,7 +146,9 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
                 exit_threshold=None if req.early_exit_threshold is None else float(req.early_exit_threshold),
                 logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if wants_prompt_lp and i == 0 else None,  # scored once per prompt
+                same_prompt_as=first_with.get(tuple(c.prompt)),
             )
+            first_with.setdefault(tuple(c.prompt), c.handle)
     except (EngineOverloaded, EngineUnavailable, ValueError) as e:
         for c in choices:
             if c.handle is not None:

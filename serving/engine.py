@@ -108,6 +108,10 @@ class Request:
     next_token: int | None = None
     cancelled: bool = False
     sampling: SequenceSampling | None = field(default=None, repr=False)
+    # Requests with the same prompt (the other choices of an n > 1 completion) that take a copy of this one's cache
+    # row and last logits once its prompt is in, rather than prefilling it again; open until then.
+    followers: list["Request"] = field(default_factory=list, repr=False)
+    takes_followers: bool = True
     _prompt_lp: list = field(default_factory=list, repr=False)
     _prompt_top: list = field(default_factory=list, repr=False)
 
@@ -288,11 +292,15 @@ class DecodeEngine:
         exit_threshold: float | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        same_prompt_as: Request | None = None,
     ) -> Request:
         """Queue a request; raises ValueError for a bad prompt or seed, EngineOverloaded when the queue is full, and
         EngineUnavailable when the engine was closed or its decoding died.
 
         max_tokens 0 scores the prompt without generating (it needs prompt_logprobs).
+        same_prompt_as: an earlier request of this engine with the same prompt (another choice of the same
+        completion). While its prompt is not yet in, this one waits for it and then starts from a copy of its cache
+        row and its last logits, so the prompt is computed once; otherwise it is queued as any request.
         """
         if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
             raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {max_tokens}")
@@ -312,14 +320,23 @@ class DecodeEngine:
                 raise EngineUnavailable(f"the decoding of model {self.name!r} died ({self._died}); the replica"
                                         " is being replaced, try again shortly")
             active = len(self._decoding) + len(self._prefilling)
-            if active + len(self._pending) >= self.max_batch + self.max_pending:
+            waiting = len(self._pending) + self._following()
+            if active + waiting >= self.max_batch + self.max_pending:
                 raise EngineOverloaded(
-                    f"model {self.name!r} is busy: {active} requests decoding and {len(self._pending)} waiting"
+                    f"model {self.name!r} is busy: {active} requests decoding and {waiting} waiting"
                     f" (limits {self.max_batch} and {self.max_pending}); try again later"
                 )
-            self._pending.append(request)
+            leader = same_prompt_as
+            if leader is not None and leader.takes_followers and leader.prompt == prompt and not leader.cancelled:
+                leader.followers.append(request)
+            else:
+                self._pending.append(request)
             self._wake.notify()
         return request
+
+    def _following(self) -> int:
+        """Requests waiting for another one's prompt (called with the lock held)."""
+        return sum(len(r.followers) for r in (*self._pending, *self._prefilling))
 
     def cancel(self, request: Request) -> None:
         """Stop a request at the next token boundary (its row is freed; it gets Finished('cancelled'))."""
@@ -348,7 +365,7 @@ class DecodeEngine:
     def stats(self) -> dict:
         with self._wake:
             active = len(self._decoding) + len(self._prefilling)
-            pending = len(self._pending)
+            pending = len(self._pending) + self._following()
         c = self._counters
         return {
             "active": active,
@@ -387,8 +404,13 @@ class DecodeEngine:
                 closing = self._closed
                 if self._drill is not None and not closing:
                     raise FaultDrill(self._drill)
-                free = self.max_batch - len(self._decoding) - len(self._prefilling)
-                admitted = [] if closing else [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                # The rows that the followers of prefilling requests will take count as taken.
+                reserved = sum(len(r.followers) for r in self._prefilling)
+                free = self.max_batch - len(self._decoding) - len(self._prefilling) - reserved
+                admitted = []
+                while not closing and free > 0 and self._pending:
+                    admitted.append(self._pending.popleft())
+                    free -= 1 + len(admitted[-1].followers)
             if closing:  # submit refuses from now on, so nothing joins the queue while it is emptied
                 self._close_now()
                 return
@@ -400,6 +422,7 @@ class DecodeEngine:
                     if request in self._prefilling:
                         self._finish(request, Finished("error", f"{type(e).__name__}: {e}"))
                     else:
+                        self._requeue_followers(request)
                         self._count_finished(Finished("error"))
                         self._emit(request, Finished("error", f"{type(e).__name__}: {e}"))
             try:
@@ -428,9 +451,9 @@ class DecodeEngine:
 
     def _close_now(self) -> None:
         """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""
-        for request in [*self._decoding, *self._prefilling]:
+        for request in [*self._decoding, *self._prefilling]:  # their followers join the waiting requests
             self._finish(request, Finished("cancelled", "the engine was closed"))
-        for request in self._pending:
+        for request in [*self._pending, *(f for r in self._pending for f in self._take_followers(r))]:
             self._emit(request, Finished("cancelled", "the engine was closed"))
         self._pending.clear()
         self._ended.set()
@@ -441,6 +464,7 @@ class DecodeEngine:
         with self._wake:  # from here on submit refuses: nothing can be queued after the queue is emptied below
             self._died = reason
             waiting = [*self._decoding, *self._prefilling, *self._pending]
+            waiting += [f for r in waiting for f in r.followers]
             self._decoding, self._prefilling = [], []
             self._pending.clear()
         # The cache's state is unknown after a fatal error: the requests are told, their rows are not released.
@@ -453,6 +477,7 @@ class DecodeEngine:
 
     def _admit(self, request: Request) -> None:
         if request.cancelled:
+            self._requeue_followers(request)
             self._count_finished(Finished("cancelled"))
             self._emit(request, Finished("cancelled"))
             return
@@ -500,17 +525,56 @@ class DecodeEngine:
             if rows[r].prompt_logprobs is not None:
                 request = rows[r]
                 self._emit(request, PromptLogprobs(request._prompt_lp, request._prompt_top))
-        starting = [r for r in done if rows[r].max_tokens > 0]
+        # Each starting row with the pass row whose last logits it samples from: its own, or its leader's.
+        starting = [(rows[r], r) for r in done if rows[r].max_tokens > 0]
+        starting += [(follower, r) for r in done for follower in self._seat_followers(rows[r])]
         for r in done:
             if rows[r].max_tokens == 0:  # scored, nothing to generate
                 self._finish(rows[r], Finished("length"))
         if starting:
-            last = logits[starting, -1]  # (S, V) the prompt's last position predicts the first new token
-            flags = exited[starting, -1].tolist() if exited is not None else [None] * len(starting)
-            self._sample_and_accept([rows[r] for r in starting], last, flags)
-        for request in [rows[r] for r in starting]:
+            at = [r for _, r in starting]
+            last = logits[at, -1]  # (S, V) the prompt's last position predicts the first new token
+            flags = exited[at, -1].tolist() if exited is not None else [None] * len(starting)
+            self._sample_and_accept([request for request, _ in starting], last, flags)
+        for request, _ in starting:
             if request.row >= 0 and request in self._prefilling:
                 self._promote(request)
+
+    def _take_followers(self, leader: Request) -> list[Request]:
+        with self._wake:
+            leader.takes_followers = False
+            followers, leader.followers = leader.followers, []
+        return followers
+
+    def _seat_followers(self, leader: Request) -> list[Request]:
+        """The leader's prompt is in: each of its followers gets a row holding a copy of the leader's, the prompt
+        then counting as prefilled. Followers that find no free row (rows taken since) wait at the front of the
+        queue and will prefill the prompt themselves; cancelled ones end."""
+        seated, back = [], []
+        for follower in self._take_followers(leader):
+            if follower.cancelled:
+                self._count_finished(Finished("cancelled"))
+                self._emit(follower, Finished("cancelled"))
+            elif len(self._decoding) + len(self._prefilling) >= self.max_batch:
+                back.append(follower)
+            else:
+                follower.sampling = SequenceSampling(follower.params, follower.prompt, follower.seed,
+                                                     follower.logprobs)
+                follower.row = len(self._decoding) + len(self._prefilling)
+                self._cache.move_row(leader.row, follower.row)
+                follower.prefilled = len(follower.prompt)
+                self._prefilling.append(follower)
+                seated.append(follower)
+        with self._wake:
+            self._pending.extendleft(reversed(back))
+        return seated
+
+    def _requeue_followers(self, leader: Request) -> None:
+        """A leader that ends before its prompt is in: its followers go to the front of the queue, to prefill the
+        prompt themselves."""
+        followers = self._take_followers(leader)
+        with self._wake:
+            self._pending.extendleft(reversed(followers))
 
     def _score_prompt_chunk(self, request: Request, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens that this chunk's positions (n, V) predict."""
@@ -599,6 +663,7 @@ class DecodeEngine:
         request.row = -1
 
     def _finish(self, request: Request, event: Finished) -> None:
+        self._requeue_followers(request)
         self._release(request)
         self._count_finished(event)
         self._emit(request, event)

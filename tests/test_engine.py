@@ -112,6 +112,67 @@ def test_an_early_exit_models_concurrent_requests_each_equal_their_own_generatio
         e.close()
 
 
+def test_choices_of_one_prompt_share_its_prefill_and_each_equals_its_own_generation(model):
+    """n choices of one prompt: the prompt is computed once and each follower starts from a copy of the leader's
+    cache row and last logits, sampling with its own seed exactly as it would alone. Followers that find no free
+    row once the prompt is in, and the followers of a leader cancelled before its prompt is in, prefill the prompt
+    themselves; none is lost."""
+    prompt = [40, 588, 257, 1310, 286, 3290, 13, 50, 51, 52]
+    sampling = SamplingParams(temperature=0.9, top_k=40)
+
+    def alone(seed: int, n: int = 12) -> list[int]:
+        return generate(model, prompt, n, temperature=0.9, top_k=40, seed=seed)[0]
+
+    for max_batch, choices in ((8, 4), (2, 4)):  # every choice seated; then only one follower finds a free row
+        e = DecodeEngine(model, max_batch=max_batch, max_pending=16)
+        try:
+            collectors, leader = [], None
+            for i in range(choices):
+                c = Collector()
+                handle = e.submit(prompt, 12, sampling, c, seed=7 + i, same_prompt_as=leader)
+                leader = leader or handle
+                collectors.append(c)
+            assert [c.wait().tokens for c in collectors] == [alone(7 + i) for i in range(choices)]
+            prefilled = e.stats()["prompt_tokens"]
+            assert prefilled == (len(prompt) if max_batch >= choices else (choices - 1) * len(prompt)), prefilled
+            assert e.stats()["active"] == e.stats()["pending"] == 0
+        finally:
+            e.close()
+
+    e = DecodeEngine(model, max_batch=4, max_pending=16, prefill_tokens=4)  # the prompt takes three passes
+    try:
+        first = Collector()
+        leader = e.submit(prompt, 12, sampling, first, seed=1)
+        e.cancel(leader)
+        followers = [Collector() for _ in range(2)]
+        for i, c in enumerate(followers):
+            e.submit(prompt, 12, sampling, c, seed=2 + i, same_prompt_as=leader)
+        assert first.wait().finished.reason == "cancelled"
+        assert [c.wait().tokens for c in followers] == [alone(2), alone(3)]
+        assert e.stats()["finished_by_reason"]["cancelled"] == 1
+    finally:
+        e.close()
+
+    e = DecodeEngine(model, max_batch=1, max_pending=16)
+    try:  # closed while followers wait for a leader still in the queue: each is told, none hangs
+        busy = Collector()
+        e.submit([1, 2], 120, SamplingParams(temperature=0, ignore_eos=True), busy)
+        deadline = time.monotonic() + 30
+        while e.stats()["active"] == 0:  # the one row taken
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = [Collector() for _ in range(3)]
+        leader = e.submit(prompt, 12, sampling, waiting[0], seed=1)
+        for c in waiting[1:]:
+            e.submit(prompt, 12, sampling, c, seed=1, same_prompt_as=leader)
+        assert e.stats()["pending"] == 3
+        e.close()
+        assert {c.wait().finished.reason for c in [busy, *waiting]} <= {"cancelled", "length"}
+        assert all(c.finished.reason == "cancelled" for c in waiting)
+    finally:
+        e.close()
+
+
 def test_engines_of_several_variants_decode_on_one_thread(model):
     """A model replica's variants share one decoding thread (OpenMP keeps a team per thread that computes, and more
     teams than cores slow every step): each engine's requests still equal their solo generation, everything an

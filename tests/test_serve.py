@@ -356,6 +356,23 @@ def test_seeded_request_same_alone_and_in_a_batch(server):
     assert responses[3].json()["choices"][0]["text"] == alone
 
 
+def test_the_choices_of_one_prompt_compute_it_once_and_each_is_its_seeds_own(server):
+    """n = 3 and a prompt given twice: the prompt is prefilled once per distinct prompt (the stats count its tokens
+    once), and choice i of a seeded request is the text a request with seed + i gets alone."""
+    def prompt_tokens() -> int:
+        return httpx.get(f"{server['base']}/v1/stats").json().get("pretrained", {}).get("prompt_tokens", 0)
+
+    ids = [1000 + i for i in range(40)]
+    body = {"model": "pretrained", "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    before = prompt_tokens()
+    many = post(server, {**body, "prompt": [ids, ids], "n": 2}).json()
+    assert prompt_tokens() - before == len(ids)
+    assert many["usage"]["prompt_tokens"] == 2 * len(ids)  # what the client sent, as OpenAI counts it
+    texts = [c["text"] for c in sorted(many["choices"], key=lambda c: c["index"])]
+    alone = [post(server, {**body, "prompt": ids, "seed": 5 + i}).json()["choices"][0]["text"] for i in range(2)]
+    assert texts == alone + alone  # each prompt's choice i has seed 5 + i
+
+
 def test_client_disconnect_cancels_generation(server):
     def cancelled() -> int:
         stats = httpx.get(f"{server['base']}/v1/stats").json()
