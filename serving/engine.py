@@ -300,7 +300,8 @@ class DecodeEngine:
         max_tokens 0 scores the prompt without generating (it needs prompt_logprobs).
         same_prompt_as: an earlier request of this engine with the same prompt (another choice of the same
         completion). While its prompt is not yet in, this one waits for it and then starts from a copy of its cache
-        row and its last logits, so the prompt is computed once; otherwise it is queued as any request.
+        row and its last logits, so the prompt is computed once; otherwise, and when this one scores its prompt
+        (prompt_logprobs), it is queued as any request.
         """
         if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
             raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {max_tokens}")
@@ -327,7 +328,9 @@ class DecodeEngine:
                     f" (limits {self.max_batch} and {self.max_pending}); try again later"
                 )
             leader = same_prompt_as
-            if leader is not None and leader.takes_followers and leader.prompt == prompt and not leader.cancelled:
+            # A request that scores its prompt computes it itself: its scores come from its own prefill pass.
+            if (leader is not None and prompt_logprobs is None and leader.takes_followers and leader.prompt == prompt
+                    and not leader.cancelled):
                 leader.followers.append(request)
             else:
                 self._pending.append(request)

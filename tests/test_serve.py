@@ -371,6 +371,16 @@ def test_the_choices_of_one_prompt_compute_it_once_and_each_is_its_seeds_own(ser
     texts = [c["text"] for c in sorted(many["choices"], key=lambda c: c["index"])]
     alone = [post(server, {**body, "prompt": ids, "seed": 5 + i}).json()["choices"][0]["text"] for i in range(2)]
     assert texts == alone + alone  # each prompt's choice i has seed 5 + i
+    # Scoring a prompt given twice (as lm-eval's batches may): each copy is scored, none waits for the other's scores.
+    url = f"{server['base']}/v1/completions"  # a short timeout: a choice left waiting would hold the answer back
+    scored = httpx.post(url, json={**body, "prompt": [ids, ids], "max_tokens": 0, "echo": True, "logprobs": 0},
+                        timeout=30)
+    assert scored.status_code == 200, scored.text
+    first, second = (c["logprobs"]["token_logprobs"] for c in scored.json()["choices"])
+    assert first == second and len(first) == len(ids)
+    scored = httpx.post(url, json={**body, "prompt": [ids, ids], "max_tokens": 1, "echo": True, "logprobs": 1, "n": 2},
+                        timeout=30)
+    assert scored.status_code == 200 and len(scored.json()["choices"]) == 4, scored.text
 
 
 def test_client_disconnect_cancels_generation(server):
