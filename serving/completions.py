@@ -96,6 +96,26 @@ def _generation_failed(finished) -> dict:
     return {"event": "error", "status": 500, "message": f"generation failed: {finished.error}"}
 
 
+def submit_choices(engine, choices: list[_Choice], req: CompletionRequest, params, listener) -> None:
+    """Every choice that generates or scores to the engine, in OpenAI's order (all n of prompt 0, then prompt 1, ...);
+    the later choices of a prompt share the first one's prefill."""
+    wants_prompt_lp = req.echo and req.logprobs is not None
+    first_with: dict[tuple, object] = {}  # prompt → its first choice's handle
+    for c in choices:
+        i = c.index % req.n
+        if req.max_tokens == 0 and not (wants_prompt_lp and i == 0):
+            continue  # nothing to generate: the echo (with the prompt's one scoring pass) is the whole answer
+        c.handle = engine.submit(
+            c.prompt, req.max_tokens, params, listener(c.index),
+            seed=None if req.seed is None else req.seed + i,
+            exit_threshold=None if req.early_exit_threshold is None else float(req.early_exit_threshold),
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if wants_prompt_lp and i == 0 else None,  # scored once per prompt
+            same_prompt_as=first_with.get(tuple(c.prompt)),
+        )
+        first_with.setdefault(tuple(c.prompt), c.handle)
+
+
 async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s: float = 0.0):
     """Batches (lists) of events for one request (see ModelPool.complete): submits every choice to the engine,
     applies stop strings, and frees the decoding rows when the consumer goes away or the request's deadline passes.
@@ -134,21 +154,9 @@ async def run_completion(engine, req: CompletionRequest, limits: Limits, batch_s
         return lambda event: pump.put(events, (index, event))
 
     wants_prompt_lp = req.echo and req.logprobs is not None
-    first_with: dict[tuple, object] = {}  # prompt → the first choice's handle: the others share its prefill
     try:
-        for c in choices:  # OpenAI order: all n of prompt 0, then prompt 1, ...
-            i = c.index % req.n
-            if req.max_tokens == 0 and not (wants_prompt_lp and i == 0):
-                continue  # nothing to generate: the echo (with the prompt's one scoring pass) is the whole answer
-            c.handle = engine.submit(
-                c.prompt, req.max_tokens, params, listener(c.index),
-                seed=None if req.seed is None else req.seed + i,
-                exit_threshold=None if req.early_exit_threshold is None else float(req.early_exit_threshold),
-                logprobs=req.logprobs,
-                prompt_logprobs=req.logprobs if wants_prompt_lp and i == 0 else None,  # scored once per prompt
-                same_prompt_as=first_with.get(tuple(c.prompt)),
-            )
-            first_with.setdefault(tuple(c.prompt), c.handle)
+        with engine.submitting():
+            submit_choices(engine, choices, req, params, listener)
     except (EngineOverloaded, EngineUnavailable, ValueError) as e:
         for c in choices:
             if c.handle is not None:

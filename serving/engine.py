@@ -23,12 +23,13 @@ a model replica) share one decoding thread and take turns, a step each: see `Dec
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -328,14 +329,23 @@ class DecodeEngine:
                     f" (limits {self.max_batch} and {self.max_pending}); try again later"
                 )
             leader = same_prompt_as
-            # A request that scores its prompt computes it itself: its scores come from its own prefill pass.
+            # A request that scores its prompt computes it itself: its scores come from its own prefill pass. An
+            # early-exit threshold of its own would change the prompt's pass.
             if (leader is not None and prompt_logprobs is None and leader.takes_followers and leader.prompt == prompt
-                    and not leader.cancelled):
+                    and leader.exit_threshold == exit_threshold and not leader.cancelled):
+                request.takes_followers = False  # one leader for all: followers are never led in turn
                 leader.followers.append(request)
             else:
                 self._pending.append(request)
             self._wake.notify()
         return request
+
+    @contextlib.contextmanager
+    def submitting(self) -> Iterator[None]:
+        """Submits made inside are admitted together: the decoding thread starts no turn meanwhile, so the choices
+        of one completion are queued before the first one's prompt is prefilled, and share it (same_prompt_as)."""
+        with self._wake:
+            yield
 
     def _following(self) -> int:
         """Requests waiting for another one's prompt (called with the lock held)."""
@@ -450,7 +460,8 @@ class DecodeEngine:
 
     def _can_admit(self) -> bool:
         with self._wake:
-            return bool(self._pending) and len(self._decoding) + len(self._prefilling) < self.max_batch
+            reserved = sum(len(r.followers) for r in self._prefilling)
+            return bool(self._pending) and len(self._decoding) + len(self._prefilling) + reserved < self.max_batch
 
     def _close_now(self) -> None:
         """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""
@@ -561,8 +572,14 @@ class DecodeEngine:
             elif len(self._decoding) + len(self._prefilling) >= self.max_batch:
                 back.append(follower)
             else:
-                follower.sampling = SequenceSampling(follower.params, follower.prompt, follower.seed,
-                                                     follower.logprobs)
+                try:
+                    follower.sampling = SequenceSampling(follower.params, follower.prompt, follower.seed,
+                                                         follower.logprobs)
+                except Exception as e:  # this request's own settings: only it fails
+                    log.exception("admitting request %d to %s failed", follower.id, self.name)
+                    self._count_finished(Finished("error"))
+                    self._emit(follower, Finished("error", f"{type(e).__name__}: {e}"))
+                    continue
                 follower.row = len(self._decoding) + len(self._prefilling)
                 self._cache.move_row(leader.row, follower.row)
                 follower.prefilled = len(follower.prompt)

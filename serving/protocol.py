@@ -186,6 +186,9 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int = 5025
 def fit_prompt(tokens: list[int], req: CompletionRequest, context: int) -> list[int]:
     """The prompt the model reads: its last `truncate_prompt_tokens` tokens where the request asks so (-1: as many as
     the context holds), refused when it and `max_tokens` do not fit the model's context."""
+    if req.max_tokens >= context:
+        raise APIError(400, f"max_tokens={req.max_tokens} leaves no room for a prompt in the model's context of"
+                       f" {context} tokens", param="max_tokens")
     keep = req.truncate_prompt_tokens
     if keep is not None:
         if keep > context:

@@ -127,11 +127,12 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_equals_its_own_generat
         e = DecodeEngine(model, max_batch=max_batch, max_pending=16)
         try:
             collectors, leader = [], None
-            for i in range(choices):
-                c = Collector()
-                handle = e.submit(prompt, 12, sampling, c, seed=7 + i, same_prompt_as=leader)
-                leader = leader or handle
-                collectors.append(c)
+            with e.submitting():  # queued together, before the first one's prompt is in
+                for i in range(choices):
+                    c = Collector()
+                    handle = e.submit(prompt, 12, sampling, c, seed=7 + i, same_prompt_as=leader)
+                    leader = leader or handle
+                    collectors.append(c)
             assert [c.wait().tokens for c in collectors] == [alone(7 + i) for i in range(choices)]
             prefilled = e.stats()["prompt_tokens"]
             assert prefilled == (len(prompt) if max_batch >= choices else (choices - 1) * len(prompt)), prefilled
@@ -142,11 +143,12 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_equals_its_own_generat
     e = DecodeEngine(model, max_batch=4, max_pending=16, prefill_tokens=4)  # the prompt takes three passes
     try:
         first = Collector()
-        leader = e.submit(prompt, 12, sampling, first, seed=1)
-        e.cancel(leader)
         followers = [Collector() for _ in range(2)]
-        for i, c in enumerate(followers):
-            e.submit(prompt, 12, sampling, c, seed=2 + i, same_prompt_as=leader)
+        with e.submitting():
+            leader = e.submit(prompt, 12, sampling, first, seed=1)
+            for i, c in enumerate(followers):
+                e.submit(prompt, 12, sampling, c, seed=2 + i, same_prompt_as=leader)
+            e.cancel(leader)
         assert first.wait().finished.reason == "cancelled"
         assert [c.wait().tokens for c in followers] == [alone(2), alone(3)]
         assert e.stats()["finished_by_reason"]["cancelled"] == 1
@@ -162,11 +164,12 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_equals_its_own_generat
             assert time.monotonic() < deadline
             time.sleep(0.01)
         waiting = [Collector() for _ in range(3)]
-        leader = e.submit(prompt, 12, sampling, waiting[0], seed=1)
-        for c in waiting[1:]:
-            e.submit(prompt, 12, sampling, c, seed=1, same_prompt_as=leader)
-        assert e.stats()["pending"] == 3
-        e.close()
+        with e.submitting():
+            leader = e.submit(prompt, 12, sampling, waiting[0], seed=1)
+            for c in waiting[1:]:
+                e.submit(prompt, 12, sampling, c, seed=1, same_prompt_as=leader)
+            assert e.stats()["pending"] == 3
+        e.close()  # the one row stays busy meanwhile: the leader is still waiting
         assert {c.wait().finished.reason for c in [busy, *waiting]} <= {"cancelled", "length"}
         assert all(c.finished.reason == "cancelled" for c in waiting)
     finally:
