@@ -9,7 +9,6 @@ is printed first, and is also in the Ray dashboard's Jobs view. Errors are shown
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from cluster.config import load
 from cluster.runtime.job_console import JobConsole
 from cluster.runtime.local_services import DASHBOARD_URL, MLFLOW_DIR, _bin, client_env, up
-from cluster.runtime.mlflow_connection import tracking_uri
+from cluster.runtime.mlflow_connection import DEFAULT_TRACKING_URI
 from cluster.runtime.ray_env import PROJECT_ROOT
 from workflow.pipeline import STAGES, PipelineConfig
 
@@ -61,19 +60,15 @@ def main() -> None:
              f"domain_dir={PROJECT_ROOT / 'data' / 'domain'}"]
     config = str(PROJECT_ROOT / args.config)  # the job opens this file, not one in its uploaded copy
     try:  # the config and every stage's, as the job will check them, before services start and the job is sent
-        cfg = load(PipelineConfig, config, paths)
-        cfg.validate()
+        load(PipelineConfig, config, paths).validate()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    # The MLflow server just checked, named for the job: the job runs in the Ray head's environment, which need not
-    # be this shell's (a head started earlier from another one).
-    uri = cfg.tracking_uri or tracking_uri()
     up()
-    log_path = submit("jobs/pipeline.py", "--config", config, *paths, f"tracking_uri={json.dumps(uri)}",
+    log_path = submit("jobs/pipeline.py", "--config", config, *paths,
                       *(["--from", args.from_stage] if args.from_stage else []))
     print("\n=== demo finished ===")
     print(f"Ray dashboard:   {DASHBOARD_URL}   (Jobs, Train and Tune views; Serve)")
-    print(f"MLflow UI:       {uri}   (experiments pretrain, finetune, early-exit)")
+    print(f"MLflow UI:       {DEFAULT_TRACKING_URI}   (experiments pretrain, finetune, early-exit)")
     print("Serve:           http://127.0.0.1:8000/v1 (OpenAI-compatible API), http://127.0.0.1:8000/ (web page)")
     print(f"logs:            {log_path} (the job), {MLFLOW_DIR / 'server.log'} (MLflow),"
           " /tmp/ray/session_latest/logs (Ray)")

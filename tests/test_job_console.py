@@ -181,26 +181,3 @@ def test_the_demo_refuses_a_bad_pipeline_config_before_starting_anything(tmp_pat
         demo.main()
     assert "argument --from: invalid choice: 'pretrian'" in capsys.readouterr().err
 
-
-def test_the_demo_hands_the_job_the_mlflow_server_it_checked(tmp_path, monkeypatch):
-    """The submitted job runs in the Ray head's environment, not the demo's shell: the server the demo checked (the
-    shell's $MLFLOW_TRACKING_URI, else the config's or the local one) is passed to the job by name."""
-    from tests.job_loader import load_job
-
-    demo = load_job("demo")
-    sent = []
-    monkeypatch.setattr(demo, "up", lambda: None)
-    monkeypatch.setattr(demo, "submit", lambda *job: sent.append(job) or "job.log")
-    monkeypatch.setattr("sys.argv", ["demo.py"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    demo.main()
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("tracking_uri: http://127.0.0.1:5777\n")  # the config's own wins, as in the job
-    monkeypatch.setattr("sys.argv", ["demo.py", "--config", str(config)])
-    demo.main()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.setattr("sys.argv", ["demo.py"])
-    demo.main()
-    assert [[a for a in job if a.startswith("tracking_uri=")] for job in sent] == [
-        ['tracking_uri="http://127.0.0.1:5999"'], ['tracking_uri="http://127.0.0.1:5777"'],
-        ['tracking_uri="http://127.0.0.1:5000"']]
