@@ -19,7 +19,8 @@ and the served engine's mean decoding batch.
 Then one long prompt with several choices (`--shared-prompt-tokens`, `--choices`): a request for n sampled
 completions of a prompt of random token ids, timed against the same request for one, on each server. How much
 more n cost shows whether the prompt is computed once for all n. Every request has a prompt of its own, so a
-server's cache of earlier prompts (vLLM's prefix cache) does not count.
+server's cache of earlier prompts (vLLM's prefix cache) does not count there. That cache is measured next: two
+requests whose prompts share that many tokens and end differently, the second timed against the first.
 
   python -m benchmarks.bench_serve                                   # this project's server only
   python -m benchmarks.bench_serve --model-dir DIR --peer-url http://127.0.0.1:8100   # DIR: what the peer serves
@@ -237,6 +238,66 @@ def print_shared_prompt(rows: list[SharedPromptResult], prompt_tokens: int, choi
             print(f"  ! {r.server}: {e}")
 
 
+@dataclass
+class SharedBeginningResult:
+    server: str
+    first_s: float | None  # median seconds of the first request with a new beginning
+    again_s: float | None  # ... and of the next one with the same beginning and another ending
+    tokens_lent: int | None = None  # prompt tokens our server's prefix cache lent meanwhile (its /v1/stats)
+    errors: list[str] = field(default_factory=list)
+
+
+def shared_beginning(base: str, model: str, server: str, headers: dict, prompt_tokens: int, repeats: int,
+                     seed: int) -> SharedBeginningResult:
+    """Median seconds of two greedy one-token requests (so the time is the prompt's) whose prompts share their first
+    `prompt_tokens` random token ids (a system prompt, few-shot examples) and end with 16 different ones: the first
+    computes the shared part; a server that keeps computed prompts lends it to the second. A new beginning on every
+    repeat."""
+    import random
+
+    def lent(client: httpx.Client) -> int | None:  # our server's count; other servers have no /v1/stats
+        try:
+            return int(client.get(f"{base}/v1/stats").json()[model]["prefix_cache"]["tokens_lent"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    rng = random.Random(seed)
+    first, again, errors = [], [], []
+    with httpx.Client(timeout=600, headers=headers) as client:
+        lent_before = lent(client)
+        for _ in range(repeats):
+            beginning = [rng.randrange(50000) for _ in range(prompt_tokens)]
+            for times in (first, again):
+                body = {"model": model, "prompt": beginning + [rng.randrange(50000) for _ in range(16)],
+                        "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+                t0 = time.perf_counter()
+                r = client.post(f"{base}/v1/completions", json=body)
+                if r.status_code == 200:
+                    times.append(time.perf_counter() - t0)
+                else:
+                    errors.append(f"HTTP {r.status_code}: {_short(r.text)}")
+        lent_after = lent(client)
+    tokens_lent = lent_after - lent_before if lent_before is not None and lent_after is not None else None
+    return SharedBeginningResult(server, percentile(first, 0.5), percentile(again, 0.5), tokens_lent, errors)
+
+
+def print_shared_beginning(rows: list[SharedBeginningResult], prompt_tokens: int) -> None:
+    print(f"\ntwo prompts sharing their first {prompt_tokens} tokens, each ending with 16 of its own, one new token:"
+          " median seconds of the first and of the second (lower when the server kept the first's computation)")
+    peer = next((r for r in rows if r.server == "peer"), None)
+    print(f"  {'server':<22} {'first s':>7} {'second s':>8} {'1st/2nd':>7}" + (f" {'ours/peer':>10}" if peer else ""))
+    for r in rows:
+        line = f"  {r.server:<22} {_f(r.first_s, '7.2f'):>7} {_f(r.again_s, '8.2f'):>8} " \
+               f"{_ratio(r.first_s, r.again_s):>7}"
+        if peer is not None and r is not peer:  # time ratio of the second request: below 1 is faster than the peer
+            line += f" {_ratio(r.again_s, peer.again_s):>10}"
+        if r.tokens_lent is not None:
+            line += f"   (prompt tokens lent by the prefix cache: {r.tokens_lent})"
+        print(line)
+        for e in r.errors[:3]:
+            print(f"  ! {r.server}: {e}")
+
+
 def peer_info(base: str, model: str | None, headers: dict) -> tuple[str, dict]:
     """The peer's model name (given, or the first id of GET /v1/models) and what /v1/models and /version say.
     Exits with one line when the peer does not answer."""
@@ -410,7 +471,8 @@ def main() -> None:
                    "wait to share its message with the next ones (default: the server's, serving/app.py)")
     p.add_argument("--reference-repeats", type=int, default=3, help="in-process batch-1 generations to time")
     p.add_argument("--shared-prompt-tokens", type=int, default=512,
-                   help="prompt length of the several-choices request (default 512; 0: skip it)")
+                   help="prompt length of the several-choices request, and the length of the beginning "
+                   "that two requests share (default 512; 0: skip both)")
     p.add_argument("--choices", type=int, default=4, help="n of the several-choices request (default 4)")
     p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     args = p.parse_args()
@@ -500,6 +562,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: list[LevelResult] = []
     shared: list[SharedPromptResult] = []
+    beginnings: list[SharedBeginningResult] = []
     stats = None
     try:
         settings = {"variants": variants, "max_batch": max_batch, "max_pending": 64,
@@ -523,6 +586,9 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
             shared = [shared_prompt(url, model, label, headers, args.shared_prompt_tokens, args.choices,
                                     args.reference_repeats, seed=0) for label, url, model, headers in servers]
             print_shared_prompt(shared, args.shared_prompt_tokens, args.choices)
+            beginnings = [shared_beginning(url, model, label, headers, args.shared_prompt_tokens,
+                                           args.reference_repeats, seed=1) for label, url, model, headers in servers]
+            print_shared_beginning(beginnings, args.shared_prompt_tokens)
         try:
             stats = httpx.get(f"{base}/v1/stats", timeout=30, headers=ours_headers).json()
         except (httpx.HTTPError, ValueError):
@@ -559,6 +625,7 @@ def run(args, levels: list[int], model_dir: Path, peer_url: str | None, peer_mod
         "levels": [asdict(r) for r in results],
         "shared_prompt": {"prompt_tokens": args.shared_prompt_tokens, "choices": args.choices,
                           "servers": [asdict(r) for r in shared]},
+        "shared_beginning": {"prompt_tokens": args.shared_prompt_tokens, "servers": [asdict(r) for r in beginnings]},
         "ratios_ours_over_peer": [
             {"concurrency": r.concurrency, "server": r.server,
              "tokens_per_s": r.tokens_per_s / p.tokens_per_s if p.tokens_per_s else None,

@@ -78,6 +78,21 @@ class KVCache:
             t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst] = n
 
+    def copy_prefix(self, row: int, length: int) -> list[torch.Tensor]:
+        """Copies of row `row`'s keys and values at positions [0, length), one (nh, length, hs) tensor per layer, keys
+        first: a computed prompt kept apart from the cache, which `load_prefix` puts into a row again."""
+        if not 0 <= length <= int(self.lengths[row]):
+            raise ValueError(f"row {row} holds {int(self.lengths[row])} positions, not {length}")
+        return [t[row, :, :length].clone() for t in (*self.k, *self.v)]
+
+    def load_prefix(self, row: int, prefix: list[torch.Tensor], length: int) -> None:
+        """Row `row` becomes the first `length` positions of a `copy_prefix` copy (its sequence is replaced)."""
+        if not 0 <= length <= prefix[0].shape[1]:
+            raise ValueError(f"the copy holds {prefix[0].shape[1]} positions, not {length}")
+        for t, saved in zip((*self.k, *self.v), prefix, strict=True):
+            t[row, :, :length] = saved[:, :length]
+        self.lengths[row] = length
+
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange the sequences of rows `a` and `b`."""
         n = int(torch.maximum(self.lengths[a], self.lengths[b]))

@@ -11,6 +11,9 @@ Rows are kept packed: decoding rows first, then the rows being prefilled, so eac
 cache rows with no idle rows in it; a finishing row's place is taken by the last row of its block (its cache row is
 copied, a few hundred kB).
 
+Prompts are kept after they are computed (serving.prefix_cache, up to a byte budget): a request whose prompt begins
+with one of them starts from a copy of that part of the cache and computes only the rest.
+
 Sampling is batched (gpt2.sampling): each request has its own seeded generator, so a seeded request produces the
 same tokens whether it runs alone or shares its steps with others. A request may ask for log-probabilities of its
 tokens and of its prompt's tokens (the prompt's come from the same prefill pass, in the model's dtype's logits).
@@ -37,6 +40,7 @@ from gpt2.config import EOT_TOKEN
 from gpt2.generate import check_prompt
 from gpt2.protocols import ExitingModel, LanguageModel
 from gpt2.sampling import MAX_TOP_LOGPROBS, SamplingParams, SequenceSampling, TokenLogprobs, choose
+from serving.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,7 +103,7 @@ class Request:
     params: SamplingParams
     on_event: Callable[[Event], None]
     seed: int | None = None
-    exit_threshold: float | None = None
+    exit_threshold: float | None = None  # early-exit models: None is the model's, read when the request is admitted
     logprobs: int | None = None  # per generated token: the chosen token's logprob and this many alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
     id: int = 0
@@ -235,6 +239,8 @@ class DecodeEngine:
 
     max_batch: cache rows, i.e. requests decoded together; more requests wait (up to max_pending) for a free row.
     prefill_tokens: the most token slots (rows × padded width) one prefill pass takes.
+    prefix_cache_bytes: how much memory copies of computed prompts may take, for later requests that begin with one
+    (serving.prefix_cache; 0: none are kept).
     thread: the DecodingThread it decodes on, shared with other engines; by default a thread of its own.
     """
 
@@ -245,13 +251,14 @@ class DecodeEngine:
         max_batch: int = 16,
         max_pending: int = 64,
         prefill_tokens: int = 512,
+        prefix_cache_bytes: int = 256 * 2**20,
         name: str = "model",
         thread: DecodingThread | None = None,
     ) -> None:
-        if max_batch < 1 or max_pending < 0 or prefill_tokens < 1:
+        if max_batch < 1 or max_pending < 0 or prefill_tokens < 1 or prefix_cache_bytes < 0:
             raise ValueError(
-                f"max_batch and prefill_tokens must be >= 1 and max_pending >= 0, got {max_batch}, {prefill_tokens}"
-                f" and {max_pending}"
+                f"max_batch and prefill_tokens must be >= 1, max_pending and prefix_cache_bytes >= 0, got {max_batch},"
+                f" {prefill_tokens}, {max_pending} and {prefix_cache_bytes}"
             )
         self.model: LanguageModel = model.eval()
         self.config = model.config
@@ -270,6 +277,7 @@ class DecodeEngine:
         self._wake = self._thread.lock  # one lock for the thread and every engine on it
         # Allocated (zero-filled: parallel work) on the decoding thread, like everything the engine computes.
         self._cache = self._thread.call(lambda: model.new_kv_cache(max_batch))
+        self._prefixes = PrefixCache(prefix_cache_bytes)
         self._ended = threading.Event()  # closed or died: the decoding thread has let go of this engine
         self._ids = itertools.count(1)
         self._closed = False
@@ -390,7 +398,8 @@ class DecodeEngine:
             "decode_steps": c["steps"],
             "mean_batch": c["step_rows"] / c["steps"] if c["steps"] else 0.0,
             "prefill_passes": c["prefill_passes"],
-            "prompt_tokens": c["prompt_tokens"],
+            "prompt_tokens": c["prompt_tokens"],  # computed, i.e. not lent by the prefix cache
+            "prefix_cache": self._prefixes.stats(),
             "uptime_s": time.monotonic() - self._started,
         }
 
@@ -470,6 +479,7 @@ class DecodeEngine:
         for request in [*self._pending, *(f for r in self._pending for f in self._take_followers(r))]:
             self._emit(request, Finished("cancelled", "the engine was closed"))
         self._pending.clear()
+        self._prefixes.clear()
         self._ended.set()
 
     def _die(self, error: BaseException) -> None:
@@ -486,6 +496,7 @@ class DecodeEngine:
         for request in waiting:
             self._count_finished(event)
             self._emit(request, event)
+        self._prefixes.clear()
         # `failed` is now true, the replica's health check fails, and Serve replaces the replica.
         self._ended.set()
 
@@ -496,9 +507,40 @@ class DecodeEngine:
             self._emit(request, Finished("cancelled"))
             return
         request.sampling = SequenceSampling(request.params, request.prompt, request.seed, request.logprobs)
+        if self._exiting is not None and request.exit_threshold is None:
+            # Every pass of the request then exits alike, even if the model's default changes meanwhile; and its
+            # kept prompt is filed under the threshold it was computed with.
+            request.exit_threshold = float(self._exiting.threshold)
         request.row = len(self._decoding) + len(self._prefilling)
         self._cache.reset_rows(request.row)
         self._prefilling.append(request)
+        self._borrow_prompt(request)
+
+    def _borrow_prompt(self, request: Request) -> None:
+        """Start from the longest kept beginning of the prompt (serving.prefix_cache), when there is one. The cache is
+        an optimisation: if lending fails (e.g. out of memory), the request computes its whole prompt."""
+        try:
+            borrowed = self._prefixes.lend(self._cache, request.row, request.prompt, request.exit_threshold,
+                                           request.prompt_logprobs)
+        except Exception:
+            log.exception("the prefix cache of %s failed to lend a prompt; it is emptied", self.name)
+            self._prefixes.clear()
+            self._cache.reset_rows(request.row)
+            return
+        if borrowed is not None:
+            request.prefilled = borrowed.length
+            if borrowed.logprobs is not None:
+                request._prompt_lp, request._prompt_top = borrowed.logprobs, borrowed.top
+
+    def _keep_prompt(self, request: Request) -> None:
+        """Keep a copy of a prompt that is in, for later requests that begin with it; failing that (e.g. out of
+        memory), go on without it."""
+        try:
+            self._prefixes.keep(self._cache, request.row, request.prompt, request.exit_threshold,
+                                request.prompt_logprobs, request._prompt_lp, request._prompt_top)
+        except Exception:
+            log.exception("the prefix cache of %s failed to keep a prompt; it is emptied", self.name)
+            self._prefixes.clear()
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in (*self._decoding, *self._prefilling) if r.cancelled]:
@@ -536,8 +578,9 @@ class DecodeEngine:
         if not done:
             return
         for r in done:
-            if rows[r].prompt_logprobs is not None:
-                request = rows[r]
+            request = rows[r]
+            self._keep_prompt(request)
+            if request.prompt_logprobs is not None:
                 self._emit(request, PromptLogprobs(request._prompt_lp, request._prompt_top))
         # Each starting row with the pass row whose last logits it samples from: its own, or its leader's.
         starting = [(rows[r], r) for r in done if rows[r].max_tokens > 0]
@@ -581,6 +624,7 @@ class DecodeEngine:
                     self._emit(follower, Finished("error", f"{type(e).__name__}: {e}"))
                     continue
                 follower.row = len(self._decoding) + len(self._prefilling)
+                follower.exit_threshold = leader.exit_threshold  # as resolved when the leader was admitted
                 self._cache.move_row(leader.row, follower.row)
                 follower.prefilled = len(follower.prompt)
                 self._prefilling.append(follower)

@@ -7,6 +7,10 @@
     gpt2_serve_active_rows{variant}, gpt2_serve_queue_depth{variant}
                                                           decoding rows in use and requests waiting for one,
                                                           on the replica that answers the scrape
+    gpt2_serve_prompt_tokens_computed_total{variant}      prompt tokens computed, and those lent by the prefix
+    gpt2_serve_prompt_tokens_lent_total{variant}          cache (kept from an earlier prompt), since the variant
+                                                          loaded on that replica; their ratio is the hit rate
+    gpt2_serve_prefix_cache_bytes{variant}                memory the kept prompts take there
 
 The metrics live in a registry of their own, so Ray's metrics (exported by Ray on its own port) are left alone.
 Everything is per replica: with several, Prometheus scrapes each (or sums what it gets).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 UNKNOWN = "unknown"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -47,6 +52,10 @@ class ServerMetrics:
         self.pending = Gauge("gpt2_serve_queue_depth",
                              "Requests waiting for a decoding row (the replica that answers the scrape)",
                              ["variant"], registry=r)
+        self.cached = Gauge("gpt2_serve_prefix_cache_bytes", "Memory taken by computed prompts kept for later "
+                            "requests (the replica that answers the scrape)", ["variant"], registry=r)
+        self.engine_totals = _EngineTotals(self.variants)
+        r.register(self.engine_totals)
         for name in self.variants:  # series exist from the start, at zero, rather than appearing on first use
             self.tokens.labels(name)
             self.ttft.labels(name)
@@ -85,8 +94,33 @@ class ServerMetrics:
         """The exposition text, with the replica gauges set from `stats` (ModelPool.stats: the loaded variants)."""
         self.active.clear()
         self.pending.clear()
+        self.cached.clear()
         for name in self.variants:
             engine = stats.get(name, {})
             self.active.labels(name).set(engine.get("active", 0))
             self.pending.labels(name).set(engine.get("pending", 0))
+            self.cached.labels(name).set(engine.get("prefix_cache", {}).get("bytes", 0))
+        self.engine_totals.stats = stats
         return generate_latest(self.registry)
+
+
+class _EngineTotals:
+    """Totals that each engine keeps itself (serving.engine.DecodeEngine.stats), exposed as counters of the
+    replica that answers the scrape. An engine counts from when its variant loaded: an unloaded and reloaded variant
+    starts again at zero, which Prometheus reads as a counter reset."""
+
+    def __init__(self, variants) -> None:
+        self.variants = sorted(variants)
+        self.stats: dict = {}
+
+    def collect(self):
+        computed = CounterMetricFamily("gpt2_serve_prompt_tokens_computed", "Prompt tokens computed by the model",
+                                       labels=["variant"])
+        lent = CounterMetricFamily("gpt2_serve_prompt_tokens_lent", "Prompt tokens not computed: lent by the prefix "
+                                   "cache from an earlier prompt that began the same way", labels=["variant"])
+        for name in self.variants:
+            engine = self.stats.get(name, {})
+            computed.add_metric([name], engine.get("prompt_tokens", 0))
+            lent.add_metric([name], engine.get("prefix_cache", {}).get("tokens_lent", 0))
+        yield computed
+        yield lent

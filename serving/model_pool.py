@@ -56,7 +56,7 @@ class ModelPool:
         s = self.settings
         model = await in_new_thread(load_variant, self.variants[name], self.device, max_batch=s.max_batch)
         engine = DecodeEngine(model, max_batch=s.max_batch, max_pending=s.max_pending, prefill_tokens=s.prefill_tokens,
-                              name=name, thread=self.decoding)
+                              prefix_cache_bytes=int(s.prefix_cache_mb * 2**20), name=name, thread=self.decoding)
         self.engines[name] = engine
         return _LoadedVariant(engine)
 

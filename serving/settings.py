@@ -17,6 +17,9 @@ class ServerSettings(BaseModel):
     max_batch: int = Field(16, ge=1)
     # Token slots of one prefill pass: longer prompts go in by chunks between decode steps.
     prefill_tokens: int = Field(512, ge=1)
+    # Memory per variant for copies of computed prompts, lent to later requests that begin the same way
+    # (serving/prefix_cache.py); 0: none are kept.
+    prefix_cache_mb: float = Field(256.0, ge=0)
     max_pending: int = Field(16, ge=0)  # requests waiting for a decoding row, per variant; beyond that: 503
     # A streamed token may wait this long for the next ones, to cross from the replica to Serve's HTTP proxy
     # together: each message between the two processes costs ~1 ms of CPU, more than a 16-row decoding step spends

@@ -176,6 +176,122 @@ def test_choices_of_one_prompt_share_its_prefill_and_each_equals_its_own_generat
         e.close()
 
 
+def test_a_computed_prompt_is_lent_to_later_requests_that_begin_with_it(model):
+    """Cross-request prefix cache: a later request whose prompt begins with an earlier one's computes only the rest,
+    and still equals its own generation, greedy or seeded. Prompts kept stay within the byte budget, the least
+    recently used out first; a budget of 0 keeps none."""
+    system = (PROMPTS[2] * 6)[:40]
+    question = [1212, 318, 257, 1332, 30, 198]
+    sampling = SamplingParams(temperature=0.9, top_k=40)
+    e = DecodeEngine(model, max_batch=2, max_pending=16)
+    try:
+        def run(prompt, seed=None):
+            c = Collector()
+            e.submit(prompt, 10, sampling if seed is not None else SamplingParams(temperature=0), c, seed=seed)
+            return c.wait().tokens
+
+        assert run(system) == generate(model, system, 10, temperature=0)[0]
+        computed = e.stats()["prompt_tokens"]
+        assert computed == len(system)
+        extended = system + question
+        assert run(extended, seed=3) == generate(model, extended, 10, temperature=0.9, top_k=40, seed=3)[0]
+        stats = e.stats()
+        assert stats["prompt_tokens"] - computed == len(question)
+        assert stats["prefix_cache"]["tokens_lent"] == len(system)
+        # The same prompt again: everything but its last position is lent (its logits give the first token).
+        assert run(extended) == generate(model, extended, 10, temperature=0)[0]
+        assert e.stats()["prompt_tokens"] - stats["prompt_tokens"] == 1
+        # A prompt that parts from it early borrows nothing: too little in common to be worth a copy.
+        other = system[:10] + question * 3
+        assert run(other) == generate(model, other, 10, temperature=0)[0]
+        assert e.stats()["prefix_cache"]["requests_lent"] == 2
+        per_token = e.stats()["prefix_cache"]["bytes"] / (len(extended) + len(other))
+    finally:
+        e.close()
+
+    budget = int(per_token * 100)  # room for two of three 40-token prompts
+    e = DecodeEngine(model, max_batch=2, max_pending=16, prefix_cache_bytes=budget)
+    try:
+        def lent_to(prompt) -> bool:
+            before = e.stats()["prefix_cache"]["requests_lent"]
+            c = Collector()
+            e.submit(prompt, 2, SamplingParams(temperature=0), c)
+            c.wait()
+            return e.stats()["prefix_cache"]["requests_lent"] > before
+
+        a, b, c = ((p * 20)[:40] for p in PROMPTS[1:])
+        assert [lent_to(p) for p in (a, b, a, c)] == [False, False, True, False]
+        assert [lent_to(p) for p in (a, b)] == [True, False]  # c's copy pushed b out, the least recently used
+        kept = e.stats()["prefix_cache"]
+        assert kept["prompts"] == 2 and 0 < kept["bytes"] <= budget, kept
+    finally:
+        e.close()
+    e = DecodeEngine(model, max_batch=2, max_pending=16, prefix_cache_bytes=0)
+    try:
+        for _ in range(2):
+            c = Collector()
+            e.submit(system, 2, SamplingParams(temperature=0), c)
+            c.wait()
+        assert e.stats()["prompt_tokens"] == 2 * len(system) and e.stats()["prefix_cache"]["prompts"] == 0
+    finally:
+        e.close()
+
+
+def test_a_lent_prompt_keeps_its_scores_and_an_early_exit_threshold_its_own_cache(model):
+    """A request that scores its prompt borrows the scores of the lent part too, so they equal in-process scoring;
+    it borrows only from a prompt scored with at least as many alternatives. An early-exit model's prompts computed
+    with another threshold are not lent."""
+    from gpt2.early_exit import EarlyExitGPT
+    from gpt2.loglikelihood import row_logprobs
+
+    context = (PROMPTS[2] * 5)[:30]
+    endings = [[318, 257, 1310], [290, 788, 13, 198]]
+    e = DecodeEngine(model, max_batch=2, max_pending=16)
+    try:
+        def score(prompt, k):
+            c = Collector()
+            e.submit(prompt, 0, SamplingParams(temperature=0), c, prompt_logprobs=k)
+            return c.wait().prompt
+
+        score(context, 3)
+        for ending in endings:
+            prompt = context + ending
+            scored = score(prompt, 2)
+            assert len(scored.logprobs) == len(prompt) and scored.logprobs[0] is None
+            for k in (1, len(context) - 1, len(context), len(prompt) - 1):
+                assert scored.logprobs[k] == pytest.approx(row_logprobs(model, [prompt[: k + 1]], [k])[0], abs=1e-4)
+            assert all(len(top) == 2 for top in scored.top[1:])
+        assert e.stats()["prefix_cache"]["requests_lent"] == 2
+        score(context + endings[0], 5)  # more alternatives than were kept: computed in full
+        assert e.stats()["prefix_cache"]["requests_lent"] == 2
+        unscored = (PROMPTS[3] * 10)[:30]
+        c = Collector()
+        e.submit(unscored, 1, SamplingParams(temperature=0), c)
+        c.wait()
+        score(unscored, 0)  # kept without scores: it cannot lend them
+        assert e.stats()["prefix_cache"]["requests_lent"] == 2
+        c = Collector()
+        e.submit(unscored + endings[0], 1, SamplingParams(temperature=0), c)  # kept with scores of 0 alternatives
+        c.wait()
+        assert e.stats()["prefix_cache"]["requests_lent"] == 3
+    finally:
+        e.close()
+
+    torch.manual_seed(1)
+    exiting = EarlyExitGPT(model, exit_layer=1, threshold=0.5).eval()
+    e = DecodeEngine(exiting, max_batch=2, max_pending=16)
+    try:  # thresholds: given, given, given again, the model's (0.9 now), the model's changed (0.5)
+        for threshold, given, lent in ((0.5, True, 0), (0.9, True, 0), (0.9, True, 1), (0.9, False, 2),
+                                       (0.5, False, 3)):
+            exiting.threshold = threshold
+            c = Collector()
+            e.submit(context, 8, SamplingParams(temperature=0), c, exit_threshold=threshold if given else None)
+            assert c.wait().tokens == exiting.generate([context], 8, temperature=0)[0]
+            assert e.stats()["prefix_cache"]["requests_lent"] == lent
+    finally:
+        e.close()
+
+
 def test_engines_of_several_variants_decode_on_one_thread(model):
     """A model replica's variants share one decoding thread (OpenMP keeps a team per thread that computes, and more
     teams than cores slow every step): each engine's requests still equal their solo generation, everything an

@@ -359,18 +359,23 @@ def test_seeded_request_same_alone_and_in_a_batch(server):
 def test_the_choices_of_one_prompt_compute_it_once_and_each_is_its_seeds_own(server):
     """n = 3 and a prompt given twice: the prompt is prefilled once per distinct prompt (the stats count its tokens
     once), and choice i of a seeded request is the text a request with seed + i gets alone."""
-    def prompt_tokens() -> int:
-        return httpx.get(f"{server['base']}/v1/stats").json().get("pretrained", {}).get("prompt_tokens", 0)
+    def stats() -> dict:
+        return httpx.get(f"{server['base']}/v1/stats").json().get("pretrained", {})
 
-    ids = [1000 + i for i in range(40)]
+    ids = [21000 + i for i in range(40)]  # no other test's prompt begins so: nothing lent to the first request
     body = {"model": "pretrained", "max_tokens": 8, "temperature": 1.0, "seed": 5}
-    before = prompt_tokens()
+    before = stats().get("prompt_tokens", 0)
     many = post(server, {**body, "prompt": [ids, ids], "n": 2}).json()
-    assert prompt_tokens() - before == len(ids)
+    assert stats()["prompt_tokens"] - before == len(ids)
     assert many["usage"]["prompt_tokens"] == 2 * len(ids)  # what the client sent, as OpenAI counts it
     texts = [c["text"] for c in sorted(many["choices"], key=lambda c: c["index"])]
+    before = stats()
     alone = [post(server, {**body, "prompt": ids, "seed": 5 + i}).json()["choices"][0]["text"] for i in range(2)]
     assert texts == alone + alone  # each prompt's choice i has seed 5 + i
+    # Sent again, the prompt was kept (the prefix cache): all but its last position is lent to each request.
+    after = stats()
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2
+    assert after["prefix_cache"]["tokens_lent"] - before["prefix_cache"]["tokens_lent"] == 2 * (len(ids) - 1)
     # Scoring a prompt given twice (as lm-eval's batches may): each copy is scored, none waits for the other's scores.
     url = f"{server['base']}/v1/completions"  # a short timeout: a choice left waiting would hold the answer back
     scored = httpx.post(url, json={**body, "prompt": [ids, ids], "max_tokens": 0, "echo": True, "logprobs": 0},

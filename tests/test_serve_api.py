@@ -214,6 +214,10 @@ def test_metrics_count_requests_tokens_and_timings(server):
         assert s.status_code == 200
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed_tokens = chunks[-1]["usage"]["completion_tokens"]
+    # A prompt sent twice: the second request computes only its last position (the prefix cache lends the rest).
+    repeated = [complete(server, {"model": "pretrained", "prompt": list(range(7000, 7020)), "max_tokens": 1})
+                for _ in range(2)]
+    assert all(r.status_code == 200 for r in repeated)
     assert complete(server, {"model": "nope", "prompt": "x"}).status_code == 404
     keyless = httpx.post(f"{server['base']}/v1/completions", json={"model": "pretrained", "prompt": "x"})
     assert keyless.status_code == 401
@@ -223,12 +227,17 @@ def test_metrics_count_requests_tokens_and_timings(server):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("gpt2_serve_requests_total", variant="pretrained", status="200") == 2
+    assert delta("gpt2_serve_requests_total", variant="pretrained", status="200") == 4
     assert delta("gpt2_serve_requests_total", variant="unknown", status="404") == 1
     assert delta("gpt2_serve_requests_total", variant="unknown", status="401") == 1
     assert delta("gpt2_serve_completion_tokens_total", variant="pretrained") == (
-        plain.json()["usage"]["completion_tokens"] + streamed_tokens)
-    assert delta("gpt2_serve_request_latency_seconds_count", variant="pretrained") == 2
+        sum(r.json()["usage"]["completion_tokens"] for r in (plain, *repeated)) + streamed_tokens)
+    assert delta("gpt2_serve_prompt_tokens_lent_total", variant="pretrained") == 19
+    prompt_tokens = sum(r.json()["usage"]["prompt_tokens"] for r in (plain, *repeated)) + chunks[-1]["usage"][
+        "prompt_tokens"]
+    assert delta("gpt2_serve_prompt_tokens_computed_total", variant="pretrained") == prompt_tokens - 19
+    assert after[("gpt2_serve_prefix_cache_bytes", (("variant", "pretrained"),))] > 0
+    assert delta("gpt2_serve_request_latency_seconds_count", variant="pretrained") == 4
     assert delta("gpt2_serve_time_to_first_token_seconds_count", variant="pretrained") == 1  # the streamed one
     assert delta("gpt2_serve_request_latency_seconds_sum", variant="pretrained") > 0
     for variant in ("pretrained", "wide"):
