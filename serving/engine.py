@@ -426,9 +426,7 @@ class DecodeEngine:
                 closing = self._closed
                 if self._drill is not None and not closing:
                     raise FaultDrill(self._drill)
-                # The rows that the followers of prefilling requests will take count as taken.
-                reserved = sum(len(r.followers) for r in self._prefilling)
-                free = self.max_batch - len(self._decoding) - len(self._prefilling) - reserved
+                free = self.max_batch - len(self._decoding) - len(self._prefilling) - self._reserved_rows()
                 admitted = []
                 while not closing and free > 0 and self._pending:
                     admitted.append(self._pending.popleft())
@@ -467,10 +465,14 @@ class DecodeEngine:
         except BaseException as e:  # this engine's decoding dies; its callers must not wait for events never coming
             self._die(e)
 
+    def _reserved_rows(self) -> int:
+        """Rows that the followers of prefilling requests will take: they count as taken (called with the lock held)."""
+        return sum(len(r.followers) for r in self._prefilling)
+
     def _can_admit(self) -> bool:
         with self._wake:
-            reserved = sum(len(r.followers) for r in self._prefilling)
-            return bool(self._pending) and len(self._decoding) + len(self._prefilling) + reserved < self.max_batch
+            taken = len(self._decoding) + len(self._prefilling) + self._reserved_rows()
+            return bool(self._pending) and taken < self.max_batch
 
     def _close_now(self) -> None:
         """Closed: running and waiting requests finish as cancelled, and the decoding thread lets go of it."""
@@ -670,11 +672,8 @@ class DecodeEngine:
 
     def _forward(self, idx: torch.Tensor, cache, rows: list[Request], last_only: bool):
         """Logits (B, T', V), and the per-position exit decisions (B, T) of early-exit models (else None)."""
-        if self._exiting is not None:
-            default = float(self._exiting.threshold)
-            thresholds = torch.tensor(
-                [default if r.exit_threshold is None else r.exit_threshold for r in rows], device=self._device
-            )
+        if self._exiting is not None:  # every row's threshold was resolved when it was admitted (or seated)
+            thresholds = torch.tensor([r.exit_threshold for r in rows], device=self._device)
             return self._exiting.forward_with_exits(idx, kv_cache=cache, last_only=last_only, threshold=thresholds)
         logits, _ = self.model(idx, kv_cache=cache, last_only=last_only)
         return logits, None

@@ -63,6 +63,13 @@ def _rank(scored_with: int | None) -> int:
     return -1 if scored_with is None else scored_with
 
 
+def _shared(tokens: np.ndarray, stored: StoredPrompt) -> int:
+    """How many first tokens `tokens` and a stored prompt have in common."""
+    n = min(len(tokens), len(stored.tokens))
+    differ = np.flatnonzero(tokens[:n] != stored.tokens[:n])
+    return int(differ[0]) if differ.size else n
+
+
 class PrefixCache:
     """Computed prompts of one engine: `lend` to a request that begins like one, `keep` a prompt once it is in.
 
@@ -79,9 +86,6 @@ class PrefixCache:
         self._filed: dict[tuple, list[StoredPrompt]] = collections.defaultdict(list)  # by StoredPrompt.filed_as
         self.lent = 0  # requests that borrowed
         self.lent_tokens = 0  # positions they did not compute
-
-    def __len__(self) -> int:
-        return len(self._lru)
 
     def stats(self) -> dict:
         return {"prompts": len(self._lru), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
@@ -101,10 +105,7 @@ class PrefixCache:
         for stored in filed:
             if _rank(stored.scored_with) < _rank(prompt_logprobs):
                 continue
-            n = min(len(tokens), len(stored.tokens))
-            differ = np.flatnonzero(tokens[:n] != stored.tokens[:n])
-            shared = int(differ[0]) if differ.size else n
-            length = min(shared - scoring, len(tokens) - 1)  # see the module docstring
+            length = min(_shared(tokens, stored) - scoring, len(tokens) - 1)  # see the module docstring
             if length > best_length:
                 best, best_length = stored, length
                 if length == len(tokens) - 1:  # nothing lends more
@@ -133,8 +134,7 @@ class PrefixCache:
         tokens = np.asarray(prompt, dtype=np.int64)
         filed_as = (exit_threshold, tuple(prompt[:MIN_TOKENS]))
         for stored in list(self._filed.get(filed_as, ())):
-            n = min(len(tokens), len(stored.tokens))
-            if not np.array_equal(tokens[:n], stored.tokens[:n]):
+            if _shared(tokens, stored) < min(len(tokens), len(stored.tokens)):
                 continue
             if len(stored.tokens) >= len(tokens) and _rank(stored.scored_with) >= _rank(prompt_logprobs):
                 self._lru.move_to_end(stored)  # it lends all that this one would
