@@ -214,6 +214,10 @@ def test_a_search_whose_driver_was_killed_resumes_without_rerunning_finished_tri
     for name, text in lines_before.items():  # a trial finished before the kill is not run again
         assert (tune_dir / name / "result.json").read_text() == text
         assert [json.loads(line)["epoch"] for line in text.splitlines()] == [1, 2]
+    # Each trial keeps only its newest epoch checkpoint, which is what makes Tune save the search's state with every
+    # one (not every 10 s): without it, the end of the first trial reached the run directory up to 10 s late, and
+    # the second could finish in between.
+    assert [len(list((tune_dir / r["trial"]).glob("checkpoint_*"))) for r in rows] == [1, 1]
 
     # The trials ran the fine-tune's own recipe (2 epochs, one worker), so the best one's best epoch is the fine-tuned
     # model, byte for byte, with a fine-tune run of its own in MLflow holding the trial's epochs.

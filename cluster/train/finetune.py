@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -278,6 +279,9 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
     }
     trainable = ray.tune.with_resources(finetune_loop, {"cpu": s.cpus_per_trial})
     storage = str(search_dir)
+    # Saving the search's state with every trial checkpoint is intended (see checkpoint_config below); Tune warns
+    # when that happens more than once in 5 s, which every epoch of a small search does.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.tune.Tuner.can_restore(str(search_dir / "tune")):
         print(f"resuming the learning-rate search in {search_dir / 'tune'}")
         tuner = ray.tune.Tuner.restore(
@@ -293,9 +297,13 @@ def run_search(cfg: FinetuneConfig, data_ref, tracking_uri: str | None = None) -
                 max_concurrent_trials=s.max_concurrent,
             ),
             # A trial whose actor dies (its node lost, the process killed) starts again from its newest epoch
-            # checkpoint instead of leaving a hole in the search.
+            # checkpoint instead of leaving a hole in the search. That newest one is all a trial needs (its best
+            # model is exported on its own), and keeping one makes Tune save the search's state with every trial
+            # checkpoint rather than every 10 s or more: a driver killed just after a trial's last epoch resumes
+            # knowing that epoch, instead of running it again.
             run_config=ray.tune.RunConfig(name="tune", storage_path=storage,
-                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.run.max_failures)),
+                                          failure_config=ray.tune.FailureConfig(max_failures=cfg.run.max_failures),
+                                          checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)),
         )
     grid = tuner.fit()
     rows, results = [], {}
